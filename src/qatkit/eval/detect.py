@@ -1,0 +1,38 @@
+"""Run any predictor (a PyTorch model or an ONNX Runtime session) over a dataset and score it with COCO mAP.
+
+Both paths share the float decode/NMS of :mod:`qatkit.models.postprocess`, so the comparison isolates the network.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.coco import CocoDetection, collate
+from ..models.postprocess import postprocess
+from ..progress import progress_bar
+from .coco_map import coco_map
+
+Predictor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+def torch_predictor(model: torch.nn.Module) -> Predictor:
+    model.eval()
+
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> Sequence[torch.Tensor]:
+        return model(images)
+
+    return predict
+
+
+def evaluate(predict: Predictor, dataset: CocoDetection, *, batch_size: int = 32, quiet: bool = True,
+             description: str = "eval") -> dict[str, float]:
+    """COCO metrics of ``predict`` on ``dataset`` (mAP@0.5:0.95 under ``"map"``)."""
+    predictions = {}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for images, targets in progress_bar(loader, description, quiet):
+        for target, det in zip(targets, postprocess(predict(images))):
+            predictions[target["image_id"]] = det
+    return coco_map(dataset, predictions)

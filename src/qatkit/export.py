@@ -1,0 +1,60 @@
+"""Export: a QDQ ONNX graph (QuantizeLinear/DequantizeLinear, per-channel axis on weights), checked by onnx.checker.
+
+Uses PyTorch's TorchScript-based exporter (``dynamo=False``): it runs the model's real forward, hooks and all, and
+honours the quantizers' ``symbolic`` methods, so weights and biases land as int8/int32 constants. The dynamo
+exporter does not handle fake-quant ops reliably yet (pytorch#167063); torch is pinned accordingly.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from .calibrate import uncalibrated
+from .errors import NotCalibratedError
+from .quantize import _as_tuple
+
+OPSET = 17
+
+
+def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: int = OPSET,
+                dynamic_batch: bool = True) -> Path:
+    """Write ``model`` (quantized or float) to ``path`` as ONNX and check it; returns the path."""
+    if hasattr(model, "_qatkit"):
+        missing = uncalibrated(model)
+        if missing:
+            raise NotCalibratedError(
+                f"cannot export: {len(missing)} quantizer(s) are not calibrated ({', '.join(missing[:5])}...). "
+                "Run qatkit.calibrate(model, batches) first"
+            )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = _as_tuple(example_inputs)
+    input_names = [f"input{i}" if i else "images" for i in range(len(args))]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        n_out = len(_flat(model(*args)))
+    output_names = [f"output{i}" for i in range(n_out)]
+    axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+        onnx.checker.check_model(str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return path
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)] if isinstance(out, (list, tuple)) else []

@@ -1,0 +1,196 @@
+"""The fake-quantizer: PyTorch's own fake-quant ops, plus calibration state and an exact ONNX export.
+
+Training uses ``torch.fake_quantize_per_{tensor,channel}_affine`` (straight-through gradient). Export emits
+QuantizeLinear/DequantizeLinear with constant scales, and folds weights/biases to int8/int32 constants computed
+by the same torch op, so the ONNX graph holds exactly the integers the trained model used.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DataError, NotCalibratedError
+from .calibrators import CalibrationError, Calibrator, make_calibrator, range_to_qparams
+from .scheme import QuantScheme
+
+
+def _onnx_const(g, values: np.ndarray):
+    return g.op("Constant", value_t=torch.from_numpy(np.array(values, copy=True)))  # keeps 0-d scalars 0-d
+
+
+def _qparams_np(scale: torch.Tensor, zero_point: torch.Tensor, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    zp_dtype = np.int8 if signed else np.uint8
+    return scale.detach().cpu().float().numpy(), zero_point.detach().cpu().numpy().astype(zp_dtype)
+
+
+class _QuantDequantExport(torch.autograd.Function):
+    """Identity-shaped stand-in traced during ONNX export; its ``symbolic`` writes Q -> DQ."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, zero_point, axis):  # noqa: D401 - torch API
+        return y
+
+    @staticmethod
+    def symbolic(g, x, y, scale, zero_point, axis):
+        s, z = _onnx_const(g, scale), _onnx_const(g, zero_point)
+        kwargs = {"axis_i": axis} if scale.ndim else {}
+        q = g.op("QuantizeLinear", x, s, z, **kwargs)
+        return g.op("DequantizeLinear", q, s, z, **kwargs)
+
+
+class _DequantConstExport(torch.autograd.Function):
+    """DequantizeLinear of a constant integer tensor (folded weights and int32 biases)."""
+
+    @staticmethod
+    def forward(ctx, q, y, scale, zero_point, axis):
+        return y
+
+    @staticmethod
+    def symbolic(g, q, y, scale, zero_point, axis):
+        inputs = [q, _onnx_const(g, scale)] + ([_onnx_const(g, zero_point)] if zero_point is not None else [])
+        kwargs = {"axis_i": axis} if scale.ndim else {}
+        return g.op("DequantizeLinear", *inputs, **kwargs)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  axis: int | None) -> torch.Tensor:
+    """Round-and-clip onto the grid with a straight-through gradient (PyTorch's fused kernels)."""
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()).int(), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis % x.ndim, qmin, qmax)
+
+
+def export_dequant_const(q_int: np.ndarray, y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                         axis: int | None, signed: bool = True) -> torch.Tensor:
+    """During export: an integer constant ``q_int`` followed by DequantizeLinear, numerically ``y``."""
+    s = scale.detach().cpu().float().numpy()
+    z = None if zero_point is None else zero_point.detach().cpu().numpy().astype(np.int8 if signed else np.uint8)
+    return _DequantConstExport.apply(torch.from_numpy(q_int), y, s, z, axis if s.ndim else None)
+
+
+class FakeQuantizer(nn.Module):
+    """A fake-quantizer with switches for fake-quant and observation, shareable by several tensors.
+
+    Sharing is by object: install one ``FakeQuantizer`` at several places and they observe together and use one
+    scale (what concat inputs or a max-pool's input and output need). ``dynamic`` quantizers (weights) recompute
+    their range from the tensor at every call, so QAT weight updates never see a stale scale.
+    """
+
+    def __init__(self, scheme: QuantScheme, name: str = "", channels: int | None = None, dynamic: bool = False):
+        super().__init__()
+        self.scheme = scheme
+        self.name = name
+        self.dynamic = dynamic
+        shape = (channels,) if scheme.per_channel and channels else ()
+        if scheme.per_channel and not channels:
+            raise ValueError(f"quantizer {name!r}: per-channel scheme needs the channel count")
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("calibrated", torch.tensor(dynamic))
+        self.register_buffer("fake_quant_enabled", torch.tensor(True))
+        self.observer_enabled = False
+        self.calibrator: Calibrator | None = None
+
+    # ----------------------------------------------------------------- switches
+    def enable_fake_quant(self, enabled: bool = True) -> None:
+        self.fake_quant_enabled.fill_(int(enabled))
+
+    def start_observing(self, method: str | None = None) -> None:
+        """Begin collecting statistics with ``method`` (default: the scheme's calibrator)."""
+        if self.dynamic:
+            return
+        s = self.scheme
+        method = method or s.calibrator
+        options = s.calibrator_options() if method == s.calibrator else {}
+        self.calibrator = make_calibrator(method, qmin=s.qmin, qmax=s.qmax, symmetric=s.symmetric,
+                                          axis=s.axis if s.per_channel else None, **options)
+        self.observer_enabled = True
+
+    def stop_observing(self) -> None:
+        """Turn the collected statistics into scale / zero-point; a quantizer that saw nothing is an error."""
+        if self.dynamic or self.calibrator is None:
+            return
+        if self.calibrator.num_batches == 0:
+            raise NotCalibratedError(
+                f"quantizer {self.name!r} saw no data during calibration: the batches never reached it "
+                "(check that calibration runs the same forward path as inference, or skip this layer in the recipe)"
+            )
+        lo, hi = self.calibrator.compute_range()
+        self.set_range(lo, hi)
+        self.observer_enabled = False
+        self.calibrator = None
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        s = self.scheme
+        scale, zp = range_to_qparams(lo, hi, s.qmin, s.qmax, s.symmetric)
+        self.scale.copy_(scale.reshape(self.scale.shape).float())
+        self.zero_point.copy_(zp.reshape(self.zero_point.shape).int())
+        self.calibrated.fill_(1)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self.calibrated)
+
+    # ----------------------------------------------------------------- forward
+    def _update_dynamic(self, x: torch.Tensor) -> None:
+        s = self.scheme
+        with torch.no_grad():
+            if s.per_channel:
+                dims = [d for d in range(x.ndim) if d != s.axis % x.ndim]
+                lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+            else:
+                lo, hi = x.min(), x.max()
+            self.set_range(lo, hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        exporting = torch.onnx.is_in_onnx_export()
+        if self.observer_enabled and self.calibrator is not None:
+            try:
+                self.calibrator.observe(x.detach())
+            except CalibrationError as e:
+                raise DataError(f"quantizer {self.name!r}: {e}") from e
+        if self.dynamic and not exporting:
+            self._update_dynamic(x)
+        if not bool(self.fake_quant_enabled):
+            return x
+        if not self.is_calibrated:
+            raise NotCalibratedError(
+                f"quantizer {self.name!r} has no scale yet: run qatkit.calibrate(model, batches) first"
+            )
+        s = self.scheme
+        axis = s.axis % x.ndim if s.per_channel else None
+        if exporting:  # no torch fake-quant op in the trace: the ONNX exporter rejects narrow grids
+            sc, zp = _qparams_np(self.scale, self.zero_point, s.onnx_signed)
+            if self.dynamic:  # a constant (weight): store its integer codes, emit DequantizeLinear only
+                q = self.codes(x).astype(zp.dtype)
+                return export_dequant_const(q, x, self.scale, self.zero_point, axis, s.onnx_signed)
+            return _QuantDequantExport.apply(x, x, sc, zp, axis)
+        return fake_quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, axis)
+
+    def codes(self, x: torch.Tensor) -> np.ndarray:
+        """Integer codes of ``x`` as PyTorch's fake-quant kernel computes them (``x * (1/scale)``, round half
+        to even, clip), in numpy so that export does not trace it."""
+        s = self.scheme
+        shape = [1] * x.ndim
+        if s.per_channel:
+            shape[s.axis % x.ndim] = -1
+        scale = self.scale.detach().cpu().float().numpy().reshape(shape)
+        zp = self.zero_point.detach().cpu().numpy().astype(np.int64).reshape(shape)
+        inv = (np.float32(1.0) / scale).astype(np.float32)
+        q = np.rint(x.detach().cpu().float().numpy() * inv).astype(np.int64) + zp
+        return np.clip(q, s.qmin, s.qmax)
+
+    def extra_repr(self) -> str:
+        state = "calibrated" if self.is_calibrated else "NOT calibrated"
+        return f"{self.name}: {self.scheme.describe()}, {state}, fake_quant={bool(self.fake_quant_enabled)}"
+
+
+def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Bias on the int32 grid of ``scale = s_input * s_weight`` (what integer kernels add to the accumulator)."""
+    scale = scale.detach().clamp_min(1e-12)
+    q = torch.clamp(torch.round(bias / scale), -(2**31), 2**31 - 1)
+    y = bias + (q * scale - bias).detach()  # straight-through
+    if torch.onnx.is_in_onnx_export():
+        return export_dequant_const(q.detach().cpu().numpy().astype(np.int32), y, scale, None, 0)
+    return y

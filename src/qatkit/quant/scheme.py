@@ -1,0 +1,64 @@
+"""What a quantizer does, as data: bits, sign, symmetry, granularity, calibrator."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CalibratorName = Literal["max", "ema", "percentile", "mse", "entropy"]
+
+
+class QuantScheme(BaseModel):
+    """One integer grid and how to find its range.
+
+    ``bits`` may be below the container width (e.g. 7-bit weights stored as int8): the grid is then narrower
+    than the int8/uint8 container ONNX carries, which is how ``reduce_range`` and W4A8 are expressed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(8, ge=2, le=8)
+    signed: bool = True
+    symmetric: bool = True
+    per_channel: bool = False
+    axis: int = 0
+    narrow_range: bool = False
+    calibrator: CalibratorName = "max"
+    percentile: float = Field(99.99, gt=50.0, le=100.0)
+    averaging_constant: float = Field(0.01, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _per_channel_calibrator(self) -> "QuantScheme":
+        if self.per_channel and self.calibrator not in ("max", "ema"):
+            raise ValueError(
+                f"per-channel quantization supports calibrator 'max' or 'ema', not '{self.calibrator}'"
+            )
+        return self
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+    @property
+    def onnx_signed(self) -> bool:
+        """Container type in ONNX: int8 when the grid has negatives, else uint8."""
+        return self.qmin < 0
+
+    def calibrator_options(self) -> dict:
+        if self.calibrator == "percentile":
+            return {"percentile": self.percentile}
+        if self.calibrator == "ema":
+            return {"averaging_constant": self.averaging_constant}
+        return {}
+
+    def describe(self) -> str:
+        sign = "int" if self.signed else "uint"
+        kind = "sym" if self.symmetric else "affine"
+        gran = f"per-channel(axis={self.axis})" if self.per_channel else "per-tensor"
+        return f"{sign}{self.bits} {kind} {gran} [{self.qmin},{self.qmax}] {self.calibrator}"

@@ -1,0 +1,65 @@
+"""``qatkit.quantize``: capture the model, place quantizers per the recipe, attach them. No model edits."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .capture import Graph, Recorder
+from .errors import QatkitError
+from .place import place
+from .recipes import Recipe, load_recipe, recipe_to_dict
+from .runtime import QuantState
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
+
+
+def capture(model: nn.Module, example_inputs) -> Graph:
+    """Run ``model`` once (eval mode, no grad) and record its dataflow graph."""
+    state = QuantState()
+    state.recorder = Recorder()
+    state.attach(model)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*_as_tuple(example_inputs))
+    finally:
+        state.detach()
+        model.train(was_training)
+    return state.recorder.graph
+
+
+def quantization_state(model: nn.Module) -> QuantState:
+    state = getattr(model, "_qatkit", None)
+    if not isinstance(state, QuantState):
+        raise QatkitError(
+            f"{type(model).__name__} is not quantized by qatkit: call qatkit.quantize(model, recipe, example_inputs)"
+        )
+    return state
+
+
+def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxruntime", example_inputs=None) -> nn.Module:
+    """Add quantizers to ``model`` in place (and return it): same class, forward and state_dict keys, plus ``_qatkit``.
+
+    The quantizers start uncalibrated; run :func:`qatkit.calibrate` before using the model.
+    """
+    if isinstance(getattr(model, "_qatkit", None), QuantState):
+        raise QatkitError("model is already quantized by qatkit; quantize the float model (or qatkit.load a checkpoint)")
+    if example_inputs is None:
+        raise QatkitError("quantize() needs example_inputs, e.g. (torch.rand(1, 3, 640, 640),), to capture the graph")
+    recipe = load_recipe(recipe)
+    graph = capture(model, example_inputs)
+    placement = place(graph, recipe, model)
+    state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe))
+    model.add_module("_qatkit", state)
+    state.attach(model)
+    return model

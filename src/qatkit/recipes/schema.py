@@ -1,0 +1,120 @@
+"""Recipes are data: a validated description of where quantizers go and what they do.
+
+Built-ins live next to this file as YAML; a user recipe is a YAML file or dict that may extend one with
+``base: <name>`` and override any key. Every unknown key or value is an error naming it and the valid choices.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import RecipeError
+from ..quant.scheme import QuantScheme
+
+RECIPE_DIR = Path(__file__).parent
+
+
+class Recipe(BaseModel):
+    """Where quantizers go (``placement``) and what they do (``activation``, ``weight``).
+
+    placement:
+      * ``all_activations``: every activation tensor is quantized (conv/linear/add/mul/cat/sigmoid outputs,
+        model inputs), shape-only ops (max-pool, nearest upsample, reshape, split) pass their input's scale
+        through. Lets ONNX Runtime run the whole graph in int8.
+      * ``compute_inputs``: quantize only the inputs of conv/linear layers (TensorRT-style explicit Q/DQ).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    description: str = ""
+    activation: QuantScheme
+    weight: QuantScheme
+    placement: Literal["all_activations", "compute_inputs"]
+    keep_output_convs_float: bool = False
+    quantize_model_input: bool = True
+    skip: list[str] = []
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _resolve(data: dict, seen: tuple[str, ...] = ()) -> dict:
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base in seen:
+        raise RecipeError(f"recipe 'base' chain loops: {' -> '.join(seen + (base,))}")
+    if base not in builtin_recipes():
+        raise RecipeError(f"unknown base recipe {base!r}; built-in recipes: {', '.join(builtin_recipes())}")
+    parent = _resolve(_read_yaml(RECIPE_DIR / f"{base}.yaml"), seen + (base,))
+    return _merge(parent, data)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = Recipe
+            for p in e["loc"][:-1]:
+                field = parent.model_fields.get(str(p))
+                parent = field.annotation if field is not None else parent
+            valid = ", ".join(getattr(parent, "model_fields", {}).keys())
+            lines.append(f"unknown key {where!r}; valid keys here: {valid}")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
+    """A built-in name, a YAML path, a dict or a Recipe -> validated Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        data, name = dict(recipe), recipe.get("name", "custom")
+    elif isinstance(recipe, (str, Path)) and Path(recipe).suffix in (".yaml", ".yml"):
+        path = Path(recipe)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        data, name = _read_yaml(path), path.stem
+    elif isinstance(recipe, str):
+        if recipe not in builtin_recipes():
+            raise RecipeError(
+                f"unknown recipe {recipe!r}; built-in recipes: {', '.join(builtin_recipes())} "
+                "(or give a path to a .yaml recipe)"
+            )
+        data, name = _read_yaml(RECIPE_DIR / f"{recipe}.yaml"), recipe
+    else:
+        raise RecipeError(f"a recipe is a name, a .yaml path, a dict or a Recipe, not {type(recipe).__name__}")
+    data = _resolve(data)
+    data.setdefault("name", name)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"invalid recipe {name!r}: {_format_errors(e)}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,222 @@
+"""Run time of a quantized model: hooks and a torch-function mode apply quantizers at captured call sites.
+
+The user's module keeps its class, ``forward``, attributes and ``state_dict`` keys; qatkit adds one submodule,
+``_qatkit`` (a :class:`QuantState`), holding the quantizers and the site table, plus forward hooks. Leaf modules get
+their inputs/outputs quantized in hooks; inside a conv/linear the weight (with any following BatchNorm folded in)
+and bias are quantized; functional ops are quantized where the mode sees them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .capture import Recorder
+from .quant.quantizer import FakeQuantizer, quantize_bias
+from .tracing import CallTracker, func_name
+
+ROOT = ""  # site key of the root module call (its inputs are the model inputs)
+_WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
+
+
+@dataclass
+class Site:
+    """What to do at one call site; quantizers are referred to by key in ``QuantState.quantizers``."""
+
+    kind: str
+    inputs: dict[int, str] = field(default_factory=dict)  # tensor-input index -> quantizer
+    output: str | None = None  # applied to every floating tensor output
+    weight: str | None = None
+    bias_from: str | None = None  # input quantizer whose scale x weight scale is the int32 bias scale
+    fold_bn: str | None = None  # BatchNorm module folded into this conv
+    identity: bool = False  # a BatchNorm folded away: returns its input
+    sigmoid: str | None = None  # SiLU computed as x * q(sigmoid(x))
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, state: "QuantState") -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.state.on_function(func, args, kwargs or {})
+
+
+class QuantState(nn.Module):
+    """Quantizers, the site table and the recipe of one quantized model (registered as ``model._qatkit``)."""
+
+    def __init__(self, sites: dict[str, Site] | None = None, quantizers: dict[str, FakeQuantizer] | None = None,
+                 recipe: dict | None = None) -> None:
+        super().__init__()
+        self.quantizers = nn.ModuleDict({k.replace(".", ":"): q for k, q in (quantizers or {}).items()})
+        self.sites = sites or {}
+        self.recipe = recipe or {}
+        self.recorder: Recorder | None = None
+        self._handles: list = []
+        self._mode: _Mode | None = None
+        self._paused = False
+
+    # --------------------------------------------------------------- attach
+    def attach(self, root: nn.Module) -> None:
+        """Install the hooks on ``root`` and all its submodules (except qatkit's own)."""
+        object.__setattr__(self, "_root", root)
+        self.tracker = CallTracker(root)
+        own = {id(m) for m in self.modules()}
+        self._handles.append(root.register_forward_pre_hook(self._root_pre))
+        self._handles.append(root.register_forward_hook(self._root_post, always_call=True))
+        for _, module in root.named_modules():
+            if module is root or id(module) in own:
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._module_pre))
+            self._handles.append(module.register_forward_hook(self._module_post, always_call=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def q(self, key: str) -> FakeQuantizer:
+        return self.quantizers[key.replace(".", ":")]
+
+    @contextmanager
+    def paused(self):
+        """Quantizer calls made from hooks are qatkit's own ops, not the model's: don't count them."""
+        prev, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = prev
+
+    # --------------------------------------------------------------- hooks
+    def _root_pre(self, module: nn.Module, args):
+        self.tracker.reset()
+        self.tracker.push(module)
+        if self.recorder is not None:
+            self.recorder.inputs(args)
+        site = self.sites.get(ROOT)
+        if site is not None and site.inputs:
+            with self.paused():
+                args = self._quantize_inputs(site, args)
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+        return args
+
+    def _root_post(self, module: nn.Module, args, output):
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        self.tracker.reset()
+        if self.recorder is not None:
+            self.recorder.model_outputs(output)
+        return output
+
+    def _module_pre(self, module: nn.Module, args):
+        if self._mode is None:  # called outside the root's forward: plain float module
+            return None
+        frame = self.tracker.push(module)
+        if not frame.leaf:
+            return None
+        if self.recorder is not None:
+            self.recorder.module_call(frame.key, frame.key.split("@")[0], module, args)
+        site = self.sites.get(frame.key)
+        if site is not None and site.inputs:
+            with self.paused():
+                return self._quantize_inputs(site, args)
+        return None
+
+    def _module_post(self, module: nn.Module, args, output):
+        if self._mode is None or not self.tracker.stack:
+            return output
+        frame = self.tracker.pop()
+        if frame.leaf:
+            site = self.sites.get(frame.key)
+            if site is not None and site.output is not None:
+                with self.paused():
+                    output = self._quantize_output(site, output)
+            if self.recorder is not None:
+                self.recorder.module_return(frame.key, output)
+        return output
+
+    # --------------------------------------------------------------- functional ops
+    def on_function(self, func: Callable, args, kwargs):
+        frame = self.tracker.top
+        if self._paused or frame is None:
+            return func(*args, **kwargs)
+        if frame.leaf:
+            site = self.sites.get(frame.key)
+            return func(*args, **kwargs) if site is None else self._inner(site, func, args, kwargs)
+        key = self.tracker.op_key(func)
+        site = self.sites.get(key)
+        if site is None:
+            out = func(*args, **kwargs)
+        else:
+            args, kwargs = self._quantize_inputs(site, (args, kwargs))
+            out = self._silu(site, args[0]) if site.sigmoid is not None else func(*args, **kwargs)
+            out = self._quantize_output(site, out)
+        if self.recorder is not None:
+            self.recorder.function(key, func, args, kwargs, out)
+        return out
+
+    def _inner(self, site: Site, func: Callable, args, kwargs):
+        """The one op inside a leaf module: quantized weight/bias, folded BN, decomposed SiLU."""
+        name = func_name(func)
+        if site.identity and name == "batch_norm":
+            return args[0]
+        if site.sigmoid is not None and name == "silu":
+            return self._silu(site, args[0])
+        if site.weight is not None and name in _WEIGHT_OPS:
+            args = list(args)
+            bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
+            weight, bias = self._fold_bn(site, args[1], bias)
+            wq = self.q(site.weight)
+            args[1] = wq(weight)
+            if bias is not None and site.bias_from is not None:
+                bias = quantize_bias(bias, self.q(site.bias_from).scale * wq.scale)
+            if len(args) > 2:
+                args[2] = bias
+            else:
+                kwargs["bias"] = bias
+            return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _fold_bn(self, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        """Fold the following BatchNorm (running statistics) into the conv, as the deployed graph does."""
+        if site.fold_bn is None:
+            return weight, bias
+        bn = self._root.get_submodule(site.fold_bn)
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            factor = factor * bn.weight
+        shift = -bn.running_mean * factor + (bn.bias if bn.bias is not None else 0.0)
+        weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
+        bias = shift if bias is None else bias * factor + shift
+        return weight, bias
+
+    def _silu(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        return x * self.q(site.sigmoid)(torch.sigmoid(x))
+
+    def _quantize_inputs(self, site: Site, tree):
+        leaves, spec = tree_flatten(tree)
+        idx = 0
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                key = site.inputs.get(idx)
+                if key is not None and leaf.is_floating_point():
+                    leaves[i] = self.q(key)(leaf)
+                idx += 1
+        return tree_unflatten(leaves, spec)
+
+    def _quantize_output(self, site: Site, out):
+        if site.output is None:
+            return out
+        q = self.q(site.output)
+        return tree_map(lambda t: q(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
+
+    def site_table(self) -> dict:
+        """Plain-data copy of the sites, for checkpoints (kept out of state_dict: jit tracing needs tensors only)."""
+        return {k: asdict(s) for k, s in self.sites.items()}

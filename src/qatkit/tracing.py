@@ -1,0 +1,139 @@
+"""Naming every op call site of a model's forward, without touching the model's code.
+
+A ``TorchFunctionMode`` sees every torch function and Tensor method called during ``forward`` (``x + y``,
+``torch.cat``, ``chunk``, ``F.interpolate``...), and forward hooks on every submodule keep a stack of the module
+calls in progress. Together they give each op a stable key, ``<module path>[@call]/<op name>#<n>``, the same at
+capture time and at run time, which is what lets qatkit attach quantizers to functional ops of any ``nn.Module``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+RELU_LIKE = (nn.ReLU, nn.ReLU6)
+ACT_TYPES = (nn.SiLU, nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.GELU, nn.Tanh,
+             nn.Mish, nn.ELU, nn.PReLU)
+PASS_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten,
+              nn.AdaptiveMaxPool2d)
+POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+LEAF_TYPES = CONV_TYPES + CONVT_TYPES + (nn.Linear,) + BN_TYPES + ACT_TYPES + PASS_TYPES + POOL_TYPES + (
+    nn.Upsample, nn.Softmax, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+
+# Functional ops by name (torch function, Tensor method or dunder). "shape" ops move values without changing them,
+# so they pass their input's scale through; "arith" ops make new values and get their own output quantizer.
+_FUNC_KINDS = {
+    "add": "add", "__add__": "add", "__radd__": "add", "__iadd__": "add", "add_": "add",
+    "sub": "add", "__sub__": "add", "__rsub__": "add", "__isub__": "add",
+    "mul": "mul", "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul", "mul_": "mul",
+    "cat": "cat", "concat": "cat", "concatenate": "cat",
+    "sigmoid": "sigmoid", "silu": "silu", "relu": "relu", "relu_": "relu",
+    "max_pool1d": "shape", "max_pool2d": "shape", "_max_pool2d": "shape", "max_pool3d": "shape",
+    "avg_pool2d": "pool", "adaptive_avg_pool2d": "pool", "mean": "pool",
+    "view": "shape", "reshape": "shape", "flatten": "shape", "permute": "shape", "transpose": "shape",
+    "chunk": "shape", "split": "shape", "__getitem__": "shape", "contiguous": "shape", "squeeze": "shape",
+    "unsqueeze": "shape", "unbind": "shape", "pixel_shuffle": "shape",
+    "conv2d": "conv", "linear": "linear",
+}
+
+
+def module_kind(module: nn.Module) -> str:
+    """Kind of a leaf module: conv, convt, linear, bn, silu, relu, act, shape, pool, upsample, other."""
+    if isinstance(module, CONV_TYPES):
+        return "conv"
+    if isinstance(module, CONVT_TYPES):
+        return "convt"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, BN_TYPES):
+        return "bn"
+    if isinstance(module, nn.SiLU):
+        return "silu"
+    if isinstance(module, RELU_LIKE):
+        return "relu"
+    if isinstance(module, ACT_TYPES):
+        return "act"
+    if isinstance(module, PASS_TYPES):
+        return "shape"
+    if isinstance(module, POOL_TYPES):
+        return "pool"
+    if isinstance(module, nn.Upsample):
+        return "shape" if module.mode == "nearest" else "other"
+    return "other"
+
+
+def func_name(func) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "__get__" if name == "__get__" else name
+
+
+def func_kind(func, kwargs: dict | None) -> str:
+    """Kind of a functional op; ``interpolate`` is a value-preserving "shape" op only in nearest mode."""
+    name = func_name(func)
+    if name == "interpolate":
+        return "shape" if (kwargs or {}).get("mode", "nearest") == "nearest" else "other"
+    if func is F.silu:
+        return "silu"
+    return _FUNC_KINDS.get(name, "other")
+
+
+def is_leaf(module: nn.Module) -> bool:
+    return isinstance(module, LEAF_TYPES)
+
+
+@dataclass
+class Frame:
+    """One module call in progress: its key and a counter per op name for the functional ops it runs."""
+
+    key: str
+    module: nn.Module
+    leaf: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class CallTracker:
+    """Keeps the stack of module calls of one root forward and hands out stable keys."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+        self.stack: list[Frame] = []
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.stack.clear()
+        self.calls.clear()
+
+    def _path(self, module: nn.Module) -> str:
+        """Path of ``module`` as seen from its caller: a shared module gets the name its parent uses."""
+        if self.stack:
+            parent = self.stack[-1]
+            for name, child in parent.module._modules.items():
+                if child is module:
+                    return f"{parent.key.split('@')[0]}.{name}".lstrip(".")
+        return self.names.get(id(module), type(module).__name__)
+
+    def push(self, module: nn.Module) -> Frame:
+        path = self._path(module) if self.stack else ""
+        n = self.calls.get(path, 0)
+        self.calls[path] = n + 1
+        frame = Frame(path if n == 0 else f"{path}@{n}", module, is_leaf(module))
+        self.stack.append(frame)
+        return frame
+
+    def pop(self) -> Frame:
+        return self.stack.pop()
+
+    @property
+    def top(self) -> Frame | None:
+        return self.stack[-1] if self.stack else None
+
+    def op_key(self, func) -> str:
+        frame = self.stack[-1]
+        name = func_name(func)
+        n = frame.counts.get(name, 0)
+        frame.counts[name] = n + 1
+        return f"{frame.key}/{name}#{n}"

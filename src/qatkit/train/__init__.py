@@ -1,0 +1,1 @@
+"""Training helpers shared by float training and QAT fine-tuning."""
