@@ -1,1 +1,36 @@
-from importlib.metadata import version as _v
+"""qatkit: quantization-aware training for PyTorch vision models, with a verified INT8 ONNX at the end.
+
+    import qatkit
+    qm = qatkit.quantize(model, recipe="onnxruntime", example_inputs=(x,))   # no model edits
+    qatkit.calibrate(qm, batches, method="mse")                              # PTQ
+    ...train qm with your own loop...                                        # QAT
+    qatkit.export_onnx(qm, (x,), "model.qdq.onnx")                           # QDQ ONNX
+    report = qatkit.verify(qm, "model.qdq.onnx", batches)                    # ORT vs PyTorch
+    qatkit.save(qm, "ckpt.pt"); qm2 = qatkit.load(model_factory, "ckpt.pt")
+"""
+from __future__ import annotations
+
+import os
+
+# On small shared CPUs, OpenMP threads that spin-wait collapse throughput when another process runs
+# (measured: 20x slower steps). Passive waiting costs nothing measurable alone. Only a default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .calibrate import CalibrationReport, calibrate, uncalibrated  # noqa: E402
+from .checkpoint import load, save  # noqa: E402
+from .errors import CheckpointError, DataError, NotCalibratedError, QatkitError, RecipeError  # noqa: E402
+from .export import export_onnx  # noqa: E402
+from .quant.quantizer import FakeQuantizer  # noqa: E402
+from .quant.scheme import QuantScheme  # noqa: E402
+from .quantize import capture, quantization_state, quantize  # noqa: E402
+from .recipes import Recipe, builtin_recipes, load_recipe  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "quantize", "calibrate", "export_onnx", "verify", "save", "load",
+    "capture", "quantization_state", "uncalibrated",
+    "Recipe", "load_recipe", "builtin_recipes", "QuantScheme", "FakeQuantizer",
+    "CalibrationReport", "VerifyReport",
+    "QatkitError", "RecipeError", "DataError", "NotCalibratedError", "CheckpointError",
+]

@@ -31,6 +31,7 @@ NEW_SCALE = ("add", "mul", "cat", "sigmoid", "pool", "act")
 class Placement:
     sites: dict[str, Site] = field(default_factory=dict)
     quantizers: dict[str, FakeQuantizer] = field(default_factory=dict)
+    outputs: list[str | None] = field(default_factory=list)  # quantizer of each model output (None: float)
 
 
 def _module_path(key: str) -> str:
@@ -117,6 +118,8 @@ class _Placer:
             else:
                 self.compute_inputs(node)
         self.out.sites = {k: s for k, s in self.out.sites.items() if s != Site(s.kind)}
+        self.out.outputs = [self.edge_q.get(e) if self.r.placement == "all_activations" else None
+                            for e in self.g.outputs]
         return self.out
 
     def all_activations(self, node: Node) -> None:

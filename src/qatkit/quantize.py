@@ -59,7 +59,8 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     recipe = load_recipe(recipe)
     graph = capture(model, example_inputs)
     placement = place(graph, recipe, model)
-    state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe))
+    shapes = [list(t.shape) for t in _as_tuple(example_inputs) if isinstance(t, torch.Tensor)]
+    state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe), placement.outputs, shapes)
     model.add_module("_qatkit", state)
     state.attach(model)
     return model

@@ -51,8 +51,11 @@ class QuantState(nn.Module):
     """Quantizers, the site table and the recipe of one quantized model (registered as ``model._qatkit``)."""
 
     def __init__(self, sites: dict[str, Site] | None = None, quantizers: dict[str, FakeQuantizer] | None = None,
-                 recipe: dict | None = None) -> None:
+                 recipe: dict | None = None, outputs: list[str | None] | None = None,
+                 example_shapes: list[list[int]] | None = None) -> None:
         super().__init__()
+        self.outputs = outputs or []  # quantizer key per model output, None where the output is float
+        self.example_shapes = example_shapes or []
         self.quantizers = nn.ModuleDict({k.replace(".", ":"): q for k, q in (quantizers or {}).items()})
         self.sites = sites or {}
         self.recipe = recipe or {}
