@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import DataError, NotCalibratedError
+from .errors import DataError, NotCalibratedError, RecipeError
 from .progress import progress_bar
 from .quant.calibrators import CALIBRATORS
 from .quantize import _as_tuple, quantization_state
@@ -39,7 +39,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
     """
     state = quantization_state(model)
     if method is not None and method not in CALIBRATORS:
-        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(sorted(CALIBRATORS))}")
+        raise RecipeError(f"unknown calibration method {method!r}; choose one of {', '.join(sorted(CALIBRATORS))}")
     acts = [q for q in state.quantizers.values() if not q.dynamic]
     was_training = model.training
     model.eval()

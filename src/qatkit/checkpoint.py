@@ -77,6 +77,23 @@ def load(model: nn.Module | Callable[[], nn.Module], path: str | Path, example_i
     if example_inputs is None:
         example_inputs = tuple(torch.zeros(shape) for shape in ckpt["example_shapes"])
     quantize(model, ckpt["recipe"], example_inputs)
+    try:
+        _check_and_load(model, ckpt, path)
+    except CheckpointError:
+        unquantize(model)  # leave the caller's float model as it was
+        raise
+    return model
+
+
+def unquantize(model: nn.Module) -> nn.Module:
+    """Remove qatkit's hooks and quantizers, giving back the float module."""
+    state = quantization_state(model)
+    state.detach()
+    del model._qatkit
+    return model
+
+
+def _check_and_load(model: nn.Module, ckpt: dict, path: str | Path) -> None:
     if quantization_state(model).site_table() != ckpt["sites"]:
         raise CheckpointError(
             f"checkpoint {path} does not match this model: its quantizer placement differs "
@@ -93,7 +110,6 @@ def load(model: nn.Module | Callable[[], nn.Module], path: str | Path, example_i
             f"({'; '.join(problems[:3])}) - another architecture or configuration"
         )
     model.load_state_dict(saved)
-    return model
 
 
 def checkpoint_metadata(path: str | Path) -> dict:

@@ -83,6 +83,10 @@ class QuantState(nn.Module):
             h.remove()
         self._handles.clear()
 
+    def forward(self, x=None, *args):
+        """Identity: a root ``nn.Sequential`` calls every child, this one included; it must not change data."""
+        return x
+
     def q(self, key: str) -> FakeQuantizer:
         return self.quantizers[key.replace(".", ":")]
 

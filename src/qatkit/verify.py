@@ -54,7 +54,15 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, datase
     """Compare ``model`` (PyTorch) and ``onnx_path`` (ORT) on ``batches``; with ``dataset``, also mAP both ways."""
     sess = session(onnx_path, threads)
     names = [i.name for i in sess.get_inputs()]
+    was_training = model.training
     model.eval()
+    try:
+        return _verify(model, sess, names, batches, dataset)
+    finally:
+        model.train(was_training)
+
+
+def _verify(model: nn.Module, sess, names: list[str], batches: Iterable, dataset) -> VerifyReport:
     pairs = []
     for n, batch in enumerate(batches):
         inputs = _as_tuple(batch)

@@ -28,13 +28,15 @@ class _QuantDequantExport(torch.autograd.Function):
     """Identity-shaped stand-in traced during ONNX export; its ``symbolic`` writes Q -> DQ."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, zero_point, axis):  # noqa: D401 - torch API
+    def forward(ctx, x, y, scale, zero_point, axis, clip):  # noqa: D401 - torch API
         return y
 
     @staticmethod
-    def symbolic(g, x, y, scale, zero_point, axis):
+    def symbolic(g, x, y, scale, zero_point, axis, clip):
         s, z = _onnx_const(g, scale), _onnx_const(g, zero_point)
         kwargs = {"axis_i": axis} if scale.ndim else {}
+        if clip is not None:  # grid narrower than the int8/uint8 container: Q alone would saturate too late
+            x = g.op("Clip", x, _onnx_const(g, np.float32(clip[0])), _onnx_const(g, np.float32(clip[1])))
         q = g.op("QuantizeLinear", x, s, z, **kwargs)
         return g.op("DequantizeLinear", q, s, z, **kwargs)
 
@@ -165,8 +167,19 @@ class FakeQuantizer(nn.Module):
             if self.dynamic:  # a constant (weight): store its integer codes, emit DequantizeLinear only
                 q = self.codes(x).astype(zp.dtype)
                 return export_dequant_const(q, x, self.scale, self.zero_point, axis, s.onnx_signed)
-            return _QuantDequantExport.apply(x, x, sc, zp, axis)
+            return _QuantDequantExport.apply(x, x, sc, zp, axis, self._export_clip(sc, zp))
         return fake_quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, axis)
+
+    def _export_clip(self, scale: np.ndarray, zp: np.ndarray) -> tuple[float, float] | None:
+        """Real-valued clip range for grids narrower than the ONNX container (per-tensor only)."""
+        s = self.scheme
+        lo_c, hi_c = (-128, 127) if s.onnx_signed else (0, 255)
+        if (s.qmin, s.qmax) == (lo_c, hi_c):
+            return None
+        if scale.ndim:
+            raise NotImplementedError(f"quantizer {self.name!r}: per-channel activations narrower than 8 bits")
+        z = float(zp.astype(np.int64))
+        return (float(s.qmin) - z) * float(scale), (float(s.qmax) - z) * float(scale)
 
     def codes(self, x: torch.Tensor) -> np.ndarray:
         """Integer codes of ``x`` as PyTorch's fake-quant kernel computes them (``x * (1/scale)``, round half
@@ -186,10 +199,21 @@ class FakeQuantizer(nn.Module):
         return f"{self.name}: {self.scheme.describe()}, {state}, fake_quant={bool(self.fake_quant_enabled)}"
 
 
+# Bias codes are clipped to +-2**30, not the int32 limits: integer kernels add the bias to an int32 accumulator,
+# so a bias at the limit overflows it (seen in ORT's QLinearConv); 2**30 leaves room for any realistic conv sum.
+# (Also, float32 cannot hold 2**31 - 1: it rounds to 2**31, which wraps negative in int32.)
+_INT32_F32_MAX = float(2**30)
+
+
 def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Bias on the int32 grid of ``scale = s_input * s_weight`` (what integer kernels add to the accumulator)."""
-    scale = scale.detach().clamp_min(1e-12)
-    q = torch.clamp(torch.round(bias / scale), -(2**31), 2**31 - 1)
+    """Bias on the int32 grid of ``scale = s_input * s_weight`` (what integer kernels add to the accumulator).
+
+    The scale is used exactly as is: ORT's fused QLinearConv assumes ``s_input * s_weight`` whatever the bias
+    DequantizeLinear says, so any clamping here would make PyTorch and ORT disagree. A bias too large for int32 at
+    that scale is clipped, in both. (Scales are >= 1e-12, so the product is never zero in float32.)
+    """
+    scale = scale.detach()
+    q = torch.clamp(torch.round(bias / scale), -_INT32_F32_MAX, _INT32_F32_MAX)
     y = bias + (q * scale - bias).detach()  # straight-through
     if torch.onnx.is_in_onnx_export():
         return export_dequant_const(q.detach().cpu().numpy().astype(np.int32), y, scale, None, 0)

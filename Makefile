@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create/refresh .venv from the pinned
+# dependencies in pyproject.toml first (`make .venv` does only that, with all extras).
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.qatkit-installed
+# OpenMP threads that spin-wait collapse throughput when two processes share the 2 cores.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: .venv demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[all]"
+	@touch $(STAMP)
+
+.venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qatkit demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/run.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,115 @@
+"""``qatkit`` command line: demo, train-float, calibrate, qat, export, verify.
+
+Every stage reads a run config (``--config run.yaml``, see :mod:`qatkit.runconfig`) plus flags, and writes a file
+the next stage starts from: float checkpoint -> ptq.pt -> qat.pt -> model.qdq.onnx -> verify report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import QatkitError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (keys of qatkit.runconfig.RunConfig)")
+    p.add_argument("--data", help="COCO-format dataset root (the shapes set is generated there if missing)")
+    p.add_argument("--recipe", help="built-in recipe name or recipe YAML path")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qatkit", description="Quantization-aware training with verified INT8 ONNX.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="PTQ -> QAT -> export -> verify -> latency on the demo detector")
+    _common(p)
+    p.add_argument("--out", help="output folder (default runs/demo)")
+    p.add_argument("--qat-steps", type=int)
+    p.add_argument("--method", help="PTQ calibrator: max, ema, percentile, mse, entropy")
+    p = sub.add_parser("train-float", help="train the demo detector's float checkpoint")
+    _common(p)
+    p.add_argument("--out", default="runs/float/demo_float.pt")
+    p.add_argument("--steps", type=int, dest="float_steps")
+    p = sub.add_parser("calibrate", help="quantize the float model and calibrate it (PTQ) -> checkpoint")
+    _common(p)
+    p.add_argument("--float-checkpoint")
+    p.add_argument("--method")
+    p.add_argument("--out", default="runs/demo/ptq.pt")
+    p = sub.add_parser("qat", help="fine-tune a calibrated checkpoint with fake quantization -> checkpoint")
+    _common(p)
+    p.add_argument("--checkpoint", default="runs/demo/ptq.pt")
+    p.add_argument("--steps", type=int, dest="qat_steps")
+    p.add_argument("--lr", type=float, dest="qat_lr")
+    p.add_argument("--out", default="runs/demo/qat.pt")
+    p = sub.add_parser("export", help="export a quantized checkpoint to QDQ ONNX")
+    _common(p)
+    p.add_argument("--checkpoint", default="runs/demo/qat.pt")
+    p.add_argument("--out", default="runs/demo/model.qdq.onnx")
+    p = sub.add_parser("verify", help="compare the ONNX model in ONNX Runtime with its PyTorch checkpoint")
+    _common(p)
+    p.add_argument("--checkpoint", default="runs/demo/qat.pt")
+    p.add_argument("--onnx", default="runs/demo/model.qdq.onnx")
+    return ap
+
+
+def _config(args: argparse.Namespace, **extra):
+    from .runconfig import load_run_config
+
+    keys = ("data", "recipe", "quiet", "method", "qat_steps", "qat_lr", "float_steps", "float_checkpoint")
+    overrides = {k: getattr(args, k, None) for k in keys} | extra
+    return load_run_config(args.config, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import stages
+    from .eval.detect import evaluate, torch_predictor
+
+    cmd = args.command
+    if cmd == "demo":
+        from .demo import run_demo
+
+        run_demo(_config(args, out=args.out))
+        return 0
+    cfg = _config(args)
+    if cmd == "train-float":
+        _, metrics = stages.train_float(cfg, args.out)
+        print(f"float mAP@0.5:0.95 {metrics['map']:.4f}; wrote {args.out}")
+        return 0
+    train, val = stages.datasets(cfg)
+    example = (torch.zeros(1, 3, cfg.img_size, cfg.img_size),)
+    if cmd == "calibrate":
+        qm = stages.ptq(cfg, stages.load_float(cfg.float_checkpoint), train)
+        stages.save_quantized(qm, args.out, "ptq")
+        print(f"PTQ mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; wrote {args.out}")
+    elif cmd == "qat":
+        qm = stages.qat(cfg, stages.load_quantized(args.checkpoint).train(), train)
+        stages.save_quantized(qm, args.out, "qat")
+        print(f"QAT mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; wrote {args.out}")
+    elif cmd == "export":
+        from .export import export_onnx
+
+        print(f"wrote {export_onnx(stages.load_quantized(args.checkpoint), example, args.out)}")
+    elif cmd == "verify":
+        from .verify import verify
+
+        qm = stages.load_quantized(args.checkpoint)
+        report = verify(qm, args.onnx, stages.val_batches(val, cfg.batch_size), dataset=val)
+        print(json.dumps(report.as_dict(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (QatkitError, FileNotFoundError) as e:
+        print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The run configuration shared by the CLI stages and the demo: model, data, recipe and stage options.
+
+A YAML file (``--config run.yaml``) sets any of these keys; command-line flags override it. Unknown keys are errors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import QatkitError
+
+ASSETS = Path(__file__).parent / "assets"
+DEMO_FLOAT = ASSETS / "demo_float.pt"
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Path("data/shapes")  # a COCO-format dataset root; generated if it is the shapes set and missing
+    generate: bool = True  # generate the shapes dataset at `data` when missing
+    img_size: int = Field(160, ge=32)
+    n_train: int = Field(3000, ge=1)
+    n_val: int = Field(500, ge=1)
+    float_checkpoint: Path = DEMO_FLOAT
+    recipe: str = "onnxruntime"  # built-in name or a .yaml path
+    method: str = "mse"  # calibrator for PTQ
+    calib_batches: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
+    qat_steps: int = Field(300, ge=0)
+    qat_lr: float = Field(1e-4, gt=0)
+    float_steps: int = Field(3000, ge=1)
+    float_lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+    out: Path = Path("runs/demo")
+    latency_runs: int = Field(200, ge=1)
+    quiet: bool = False
+
+
+def load_run_config(path: str | Path | None, **overrides) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise QatkitError(f"run config {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise QatkitError(f"run config {p} must be a mapping of keys")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                msgs.append(f"unknown key {key!r}; valid keys: {', '.join(RunConfig.model_fields)}")
+            else:
+                msgs.append(f"{key}: {err['msg']}")
+        raise QatkitError("invalid run config: " + "; ".join(msgs)) from None

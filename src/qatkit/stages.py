@@ -1,0 +1,100 @@
+"""The pipeline stages on the demo detector (or any COCO-format data): each writes what the next one reads.
+
+float -> calibrate (PTQ checkpoint) -> qat (QAT checkpoint) -> export (QDQ ONNX) -> verify (agreement + mAP),
+the three-stage flow of seed 001. Checkpoints are qatkit.save files; the float model is a small config+weights file.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibrate import calibrate
+from .checkpoint import atomic_save, checkpoint_metadata, load, read_checkpoint, save
+from .data import CocoDetection, collate, generate_shapes
+from .eval.detect import evaluate, torch_predictor
+from .models.detector import TinyYolo, build_detector, config_dict
+from .quantize import quantize
+from .runconfig import RunConfig
+from .train.loop import TrainConfig, train_detector
+
+FLOAT_FORMAT = "qatkit-float-1"
+
+
+def datasets(cfg: RunConfig) -> tuple[CocoDetection, CocoDetection]:
+    root = Path(cfg.data)
+    generated = (root / "meta.json").is_file()  # a real COCO dataset (no meta.json) is never overwritten
+    if cfg.generate and (generated or not (root / "annotations" / "instances_val.json").is_file()):
+        generate_shapes(root, n_train=cfg.n_train, n_val=cfg.n_val, img_size=cfg.img_size, seed=cfg.seed)
+    return CocoDetection(root, "train", cfg.img_size, augment=True), CocoDetection(root, "val", cfg.img_size)
+
+
+def image_batches(dataset: CocoDetection, n_batches: int, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """``n_batches`` of images (no targets) drawn reproducibly: what calibration needs."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g).tolist()
+    for b in range(n_batches):
+        idx = order[(b * batch_size) % len(order):][:batch_size]
+        if not idx:
+            return
+        yield torch.stack([dataset[i][0] for i in idx])
+
+
+def val_batches(dataset: CocoDetection, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(dataset), batch_size):
+        yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def save_float(model: TinyYolo, path: str | Path, metadata: dict | None = None) -> Path:
+    return atomic_save({"format": FLOAT_FORMAT, "config": config_dict(model), "state_dict": model.state_dict(),
+                        "metadata": metadata or {}}, path)
+
+
+def load_float(path: str | Path) -> TinyYolo:
+    ckpt = read_checkpoint(path, FLOAT_FORMAT)
+    model = build_detector(ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def factory_of(path: str | Path):
+    """The float-model factory recorded in a quantized checkpoint's metadata."""
+    config = checkpoint_metadata(path).get("detector_config")
+    return lambda: build_detector(config)
+
+
+def train_float(cfg: RunConfig, out: str | Path) -> tuple[TinyYolo, dict]:
+    train, val = datasets(cfg)
+    model = TinyYolo()
+    tc = TrainConfig(steps=cfg.float_steps, batch_size=32, lr=cfg.float_lr, seed=cfg.seed)
+    ema = train_detector(model, train, tc, collate, quiet=cfg.quiet, description="train-float")
+    metrics = evaluate(torch_predictor(ema), val, quiet=cfg.quiet)
+    save_float(ema, out, {"map": metrics["map"], "steps": cfg.float_steps, "seed": cfg.seed})
+    return ema, metrics
+
+
+def ptq(cfg: RunConfig, float_model: nn.Module, train: CocoDetection) -> nn.Module:
+    qm = copy.deepcopy(float_model)
+    example = (torch.zeros(1, 3, cfg.img_size, cfg.img_size),)
+    quantize(qm, cfg.recipe, example)
+    calibrate(qm, image_batches(train, cfg.calib_batches, cfg.batch_size, cfg.seed), cfg.method, quiet=cfg.quiet)
+    return qm
+
+
+def qat(cfg: RunConfig, qm: nn.Module, train: CocoDetection) -> nn.Module:
+    if cfg.qat_steps == 0:
+        return qm.eval()
+    tc = TrainConfig(steps=cfg.qat_steps, batch_size=cfg.batch_size, lr=cfg.qat_lr, warmup=min(20, cfg.qat_steps),
+                     ema_decay=None, seed=cfg.seed + 1)
+    return train_detector(qm, train, tc, collate, quiet=cfg.quiet, description="qat")
+
+
+def save_quantized(qm: nn.Module, path: str | Path, stage: str) -> Path:
+    return save(qm, path, metadata={"stage": stage, "detector_config": config_dict(qm)})
+
+
+def load_quantized(path: str | Path) -> nn.Module:
+    return load(factory_of(path), path).eval()
