@@ -110,5 +110,5 @@ def train_detector(
         if ema is not None:
             ema.update(model)
         if step % config.log_every == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
     return ema.model if ema is not None else model.eval()

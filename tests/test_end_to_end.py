@@ -1,0 +1,74 @@
+"""A short end-to-end run through the CLI stages and the demo, on a small generated dataset.
+
+Uses the shipped float checkpoint (trained on the 160 px shapes set), so mAP figures are real detector figures.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from qatkit import cli
+from qatkit.runconfig import DEMO_FLOAT
+
+KEYS = ("float_map", "ptq_map", "qat_map", "onnx_fp32_map", "onnx_int8_map", "within_one_step", "fp32_ms",
+        "int8_ms", "recipe")
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = {"data": str(root / "shapes"), "n_train": 48, "n_val": 40, "calib_batches": 2, "batch_size": 8,
+           "qat_steps": 4, "latency_runs": 5, "out": str(root / "demo"), "quiet": True}
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, root
+
+
+def test_shipped_float_checkpoint_exists():
+    assert DEMO_FLOAT.is_file(), "the demo float checkpoint must ship with the package"
+
+
+def test_demo_writes_summary_with_all_keys(run_config, capsys):
+    path, root = run_config
+    assert cli.main(["demo", "--config", str(path)]) == 0
+    summary = json.loads((root / "demo" / "summary.json").read_text())
+    assert set(KEYS) <= set(summary)
+    assert summary["recipe"] == "onnxruntime"
+    assert summary["float_map"] > 0.5  # a real detector, even on 40 images
+    assert summary["ptq_map"] > 0.9 * summary["float_map"]
+    assert abs(summary["onnx_int8_map"] - summary["qat_map"]) < 0.02
+    assert abs(summary["onnx_fp32_map"] - summary["float_map"]) < 1e-3
+    assert summary["ort_ops"].get("QLinearConv", 0) > 0 and summary["ort_ops"].get("Conv", 0) == 0
+    assert "int8 speed-up" in capsys.readouterr().out
+
+
+def test_stages_chain_through_files(run_config, capsys):
+    path, root = run_config
+    out = root / "stages"
+    assert cli.main(["calibrate", "--config", str(path), "--method", "percentile", "--out", str(out / "ptq.pt")]) == 0
+    assert cli.main(["qat", "--config", str(path), "--checkpoint", str(out / "ptq.pt"), "--steps", "2",
+                     "--out", str(out / "qat.pt")]) == 0
+    assert cli.main(["export", "--config", str(path), "--checkpoint", str(out / "qat.pt"),
+                     "--out", str(out / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", "--config", str(path), "--checkpoint", str(out / "qat.pt"),
+                     "--onnx", str(out / "m.onnx")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["onnx_map"] > 0.5 and abs(report["onnx_map"] - report["torch_map"]) < 0.02
+    ckpt = torch.load(out / "qat.pt", weights_only=True)
+    assert ckpt["metadata"]["stage"] == "qat"
+
+
+def test_cli_errors_are_clear(run_config, capsys):
+    path, root = run_config
+    assert cli.main(["calibrate", "--config", str(path), "--recipe", "tensorrtx", "--out", str(root / "x.pt")]) == 2
+    assert "unknown recipe 'tensorrtx'" in capsys.readouterr().err
+    bad = root / "bad.yaml"
+    bad.write_text("qat_stepz: 3\n")
+    assert cli.main(["demo", "--config", str(bad)]) == 2
+    assert "unknown key 'qat_stepz'" in capsys.readouterr().err
+    assert cli.main(["export", "--config", str(path), "--checkpoint", str(root / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
