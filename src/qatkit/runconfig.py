@@ -24,7 +24,7 @@ class RunConfig(BaseModel):
     n_train: int = Field(3000, ge=1)
     n_val: int = Field(500, ge=1)
     float_checkpoint: Path = DEMO_FLOAT
-    recipe: str = "onnxruntime"  # built-in name or a .yaml path
+    recipe: str | dict = "onnxruntime"  # built-in name, a .yaml path, or a recipe dict
     method: str = "mse"  # calibrator for PTQ
     calib_batches: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)

@@ -63,6 +63,7 @@ class QuantState(nn.Module):
         self._handles: list = []
         self._mode: _Mode | None = None
         self._paused = False
+        self.tap: Callable[[FakeQuantizer, torch.Tensor], torch.Tensor] | None = None
 
     # --------------------------------------------------------------- attach
     def attach(self, root: nn.Module) -> None:
@@ -205,7 +206,7 @@ class QuantState(nn.Module):
         return weight, bias
 
     def _silu(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        return x * self.q(site.sigmoid)(torch.sigmoid(x))
+        return x * self.apply_act(site.sigmoid, torch.sigmoid(x))
 
     def _quantize_inputs(self, site: Site, tree):
         leaves, spec = tree_flatten(tree)
@@ -214,15 +215,22 @@ class QuantState(nn.Module):
             if isinstance(leaf, torch.Tensor):
                 key = site.inputs.get(idx)
                 if key is not None and leaf.is_floating_point():
-                    leaves[i] = self.q(key)(leaf)
+                    leaves[i] = self.apply_act(key, leaf)
                 idx += 1
         return tree_unflatten(leaves, spec)
 
     def _quantize_output(self, site: Site, out):
         if site.output is None:
             return out
-        q = self.q(site.output)
-        return tree_map(lambda t: q(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
+        key = site.output
+        return tree_map(lambda t: self.apply_act(key, t) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                        else t, out)
+
+    def apply_act(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply an activation quantizer; ``tap`` (set by :func:`qatkit.verify`) may observe or replace the result."""
+        q = self.q(key)
+        y = q(x)
+        return y if self.tap is None else self.tap(q, y)
 
     def site_table(self) -> dict:
         """Plain-data copy of the sites, for checkpoints (kept out of state_dict: jit tracing needs tensors only)."""
