@@ -1,0 +1,240 @@
+"""A generated, learnable detection dataset ("shapes") written in COCO format.
+
+Why: QAT experiments need a detection task that trains in minutes on a CPU, is
+bit-for-bit reproducible and exercises the exact same COCO loader / evaluator
+path as a real dataset.  Every image is drawn from its own RNG seeded by
+(seed, split, index), so any image can be re-rendered on its own
+(:func:`render_sample`) and regenerating gives identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
+
+GENERATOR_VERSION = 1  # bump when the rendering changes so cached datasets regenerate
+SPLITS: tuple[str, ...] = ("train", "val")
+
+_MIN_SIDE, _MAX_SIDE = 16.0, 72.0  # box side range at the reference size below
+_REF_SIZE = 160
+_MAX_IOU = 0.2
+_PLACEMENT_TRIES = 10
+_MIN_COLOUR_DIST = 100.0  # Euclidean RGB distance from the local background
+_VISIBLE_FRACTION = 0.8  # at least this much of each side lies inside the image
+_IMAGE_NAME = re.compile(r"^\d{6}\.png$")
+
+
+@dataclass
+class Sample:
+    """One rendered image with its tight boxes (xywh, pixels) and 0-based labels."""
+
+    image: np.ndarray  # uint8 [S, S, 3]
+    background: np.ndarray  # uint8 [S, S, 3], the image before shapes were drawn
+    boxes: list[list[float]] = field(default_factory=list)  # COCO [x, y, w, h]
+    labels: list[int] = field(default_factory=list)  # index into CLASSES
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    # crc32 (not hash()) so the stream is stable across processes and Python runs.
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Bilinear gradient between four random corner colours plus mild noise."""
+    corners = rng.uniform(0, 255, size=(4, 3)).astype(np.float32)
+    t = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    u = t[None, :, None]  # x
+    v = t[:, None, None]  # y
+    top = (1 - u) * corners[0] + u * corners[1]  # [1, S, 3]
+    bottom = (1 - u) * corners[2] + u * corners[3]
+    img = (1 - v) * top + v * bottom
+    sigma = np.float32(rng.uniform(2.0, 8.0))
+    img += rng.standard_normal(size=img.shape, dtype=np.float32) * sigma
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _shape_mask(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+    """Rasterise one randomly sized and placed shape; returns a bool mask [S, S]."""
+    scale = size / _REF_SIZE
+    side = rng.uniform(_MIN_SIDE * scale, _MAX_SIDE * scale)
+    if CLASSES[label] == "square":
+        aspect = rng.uniform(0.7, 1.4)  # w / h; the longer side equals `side`
+        w, h = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
+    else:
+        w = h = side
+    lo = -(1 - _VISIBLE_FRACTION)
+    x0 = rng.uniform(lo * w, size - _VISIBLE_FRACTION * w)
+    y0 = rng.uniform(lo * h, size - _VISIBLE_FRACTION * h)
+
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if CLASSES[label] == "circle":
+        draw.ellipse([x0, y0, x0 + w - 1, y0 + h - 1], fill=255)
+    elif CLASSES[label] == "square":
+        draw.rectangle([x0, y0, x0 + w - 1, y0 + h - 1], fill=255)
+    else:  # equilateral triangle, random rotation, scaled so its longer extent == side
+        angles = rng.uniform(0, 2 * np.pi) + np.array([0.0, 2.0, 4.0]) * np.pi / 3
+        pts = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        pts -= pts.min(axis=0)
+        pts *= (side - 1) / pts.max()
+        pts += (x0, y0)
+        draw.polygon([tuple(p) for p in pts.tolist()], fill=255)
+    return np.asarray(canvas) > 0
+
+
+def _mask_box(mask: np.ndarray) -> list[float] | None:
+    """Tight COCO box of the drawn pixels (pixel i spans [i, i+1))."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if len(xs) == 0:
+        return None
+    return [float(xs[0]), float(ys[0]), float(xs[-1] + 1 - xs[0]), float(ys[-1] + 1 - ys[0])]
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _contrasting_colour(rng: np.random.Generator, local_bg: np.ndarray) -> np.ndarray:
+    """Random fill colour far from the local background (best of a few draws)."""
+    candidates = rng.integers(0, 256, size=(16, 3))
+    dist = np.linalg.norm(candidates - local_bg, axis=1)
+    ok = np.flatnonzero(dist > _MIN_COLOUR_DIST)
+    return candidates[ok[0] if len(ok) else int(dist.argmax())].astype(np.uint8)
+
+
+def render_sample(seed: int, split: str, index: int, img_size: int) -> Sample:
+    """Render image `index` of `split` exactly as :func:`generate_shapes` writes it."""
+    rng = _rng(seed, split, index)
+    bg = _background(rng, img_size)
+    img = bg.copy()
+    sample = Sample(image=img, background=bg)
+    for _ in range(int(rng.integers(1, 6))):
+        label = int(rng.integers(0, len(CLASSES)))
+        for _try in range(_PLACEMENT_TRIES):
+            mask = _shape_mask(rng, label, img_size)
+            box = _mask_box(mask)
+            if box is None or min(box[2], box[3]) < 2:
+                continue
+            if any(_iou(box, other) > _MAX_IOU for other in sample.boxes):
+                continue
+            x, y, w, h = (int(v) for v in box)
+            local = bg[y : y + h, x : x + w].reshape(-1, 3).mean(axis=0)
+            img[mask] = _contrasting_colour(rng, local)
+            sample.boxes.append(box)
+            sample.labels.append(label)
+            break
+    return sample
+
+
+def _meta(n_train: int, n_val: int, img_size: int, seed: int) -> dict[str, Any]:
+    return {
+        "generator": "qatkit.data.shapes",
+        "version": GENERATOR_VERSION,
+        "classes": list(CLASSES),
+        "n_train": n_train,
+        "n_val": n_val,
+        "img_size": img_size,
+        "seed": seed,
+    }
+
+
+def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    """Atomic write: a crash never leaves a truncated file under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, separators=None if indent else (",", ":")))
+    os.replace(tmp, path)
+
+
+def _is_complete(root: Path, meta: dict[str, Any]) -> bool:
+    meta_file = root / "meta.json"
+    try:
+        if json.loads(meta_file.read_text()) != meta:
+            return False
+    except (OSError, ValueError):
+        return False
+    for split in SPLITS:
+        if not (root / "annotations" / f"instances_{split}.json").is_file():
+            return False
+        img_dir = root / "images" / split
+        if not all((img_dir / f"{i:06d}.png").is_file() for i in range(meta[f"n_{split}"])):
+            return False
+    return True
+
+
+def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int) -> None:
+    img_dir = root / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    expected = {f"{i:06d}.png" for i in range(n)}
+    for stale in img_dir.iterdir():  # leftovers of a larger earlier run
+        if _IMAGE_NAME.match(stale.name) and stale.name not in expected:
+            stale.unlink()
+
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for i in range(n):
+        s = render_sample(seed, split, i, img_size)
+        name = f"{i:06d}.png"
+        Image.fromarray(s.image).save(img_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": img_size, "height": img_size})
+        for box, label in zip(s.boxes, s.labels):
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": i + 1,
+                "category_id": label + 1,
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            })
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(CLASSES)]
+    _write_json(
+        root / "annotations" / f"instances_{split}.json",
+        {"images": images, "annotations": annotations, "categories": categories},
+    )
+
+
+def generate_shapes(
+    root: str | Path,
+    *,
+    n_train: int = 3000,
+    n_val: int = 500,
+    img_size: int = 160,
+    seed: int = 0,
+) -> Path:
+    """Write the shapes dataset under `root` (COCO layout) and return `root`.
+
+    Returns immediately when `root/meta.json` matches the parameters and all
+    files exist.  meta.json is removed first and written last, so an
+    interrupted run never looks complete.  Not safe to call concurrently on
+    the same root (generate on one process/rank, then load everywhere).
+    """
+    limits = (("n_train", n_train, 1), ("n_val", n_val, 1), ("img_size", img_size, 32), ("seed", seed, 0))
+    for name, value, minimum in limits:
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"generate_shapes: {name} must be an int >= {minimum}, got {value!r}")
+    root = Path(root)
+    meta = _meta(n_train, n_val, img_size, seed)
+    if _is_complete(root, meta):
+        return root
+
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "meta.json").unlink(missing_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        _generate_split(root, split, n, img_size, seed)
+    _write_json(root / "meta.json", meta, indent=2)
+    return root
