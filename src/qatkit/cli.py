@@ -1,4 +1,4 @@
-"""``qatkit`` command line: demo, train-float, calibrate, qat, export, verify.
+"""``qatkit`` command line: demo, train-float, calibrate, qat, export, verify, inspect.
 
 Every stage reads a run config (``--config run.yaml``, see :mod:`qatkit.runconfig`) plus flags, and writes a file
 the next stage starts from: float checkpoint -> ptq.pt -> qat.pt -> model.qdq.onnx -> verify report.
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
     p.add_argument("--out", default="runs/demo/model.qdq.onnx")
+    p = sub.add_parser("inspect", help="table of quantizers and a placement lint, for a checkpoint or an ONNX file")
+    p.add_argument("path", help="a qatkit checkpoint (.pt) or an exported ONNX model (.onnx)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the lint finds anything")
     p = sub.add_parser("verify", help="compare the ONNX model in ONNX Runtime with its PyTorch checkpoint")
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
@@ -74,6 +77,17 @@ def run(args: argparse.Namespace) -> int:
 
         run_demo(_config(args, out=args.out))
         return 0
+    if cmd == "inspect":
+        from .analysis import inspect as ins
+
+        path = Path(args.path)
+        if path.suffix == ".onnx":
+            rows, lint = ins.onnx_rows(path), ins.lint_onnx(path)
+        else:
+            model = stages.load_quantized(path)
+            rows, lint = ins.model_rows(model), ins.lint_model(model)
+        print(ins.format_report(rows, lint))
+        return 1 if args.strict and ins.problems(lint) else 0
     cfg = _config(args)
     if cmd == "train-float":
         _, metrics = stages.train_float(cfg, args.out)

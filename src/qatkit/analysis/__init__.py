@@ -1,0 +1,1 @@
+"""Analysis: inspect a quantized model or ONNX file (quantizer table + placement lint)."""
