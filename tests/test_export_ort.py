@@ -297,8 +297,12 @@ def test_onnxruntime_sites_cover_every_conv_and_functional_op(pipe):
     assert sites["/max_pool2d#0"].output == sites["b3.act"].output
     assert sites["/interpolate#0"].output == sites["up.act"].output
     assert sites["/chunk#0"].output == sites["/add#0"].output
-    # value-making ops get their own
-    assert len({sites["/add#0"].output, sites["/cat#0"].output, sites["/cat#1"].output}) == 3
+    # value-making ops get their own quantizer, except that a concat shares one with its inputs:
+    # cat#0 reads (chunk of add, b2, add) -> one group; cat#1 reads (b3 output, upsample of up.act) -> another
+    assert sites["/cat#0"].output == sites["/add#0"].output == sites["b2.act"].output
+    assert sites["/cat#1"].output == sites["b3.act"].output == sites["up.act"].output
+    assert sites["/cat#0"].output != sites["/cat#1"].output
+    assert sites["b1.act"].output != sites["/add#0"].output
     assert qatkit.uncalibrated(pipe.net) == []
 
 
@@ -401,3 +405,17 @@ def test_quantized_sequential_keeps_its_forward(recipe):
         out = net(x)
     assert out.shape == ref.shape
     assert float((out - ref).abs().max()) < 0.1
+
+
+def test_concat_inputs_and_output_share_one_quantizer():
+    net = make_net(seed=5)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    qatkit.quantize(net, "onnxruntime", (x,))
+    state = qatkit.quantization_state(net)
+    graph = qatkit.capture(make_net(seed=5), (x,))
+    cats = [n for n in graph.nodes.values() if n.kind == "cat"]
+    assert cats
+    for cat in cats:
+        out = state.sites[cat.key].output
+        producers = [state.sites[e[0]].output for e in cat.inputs if e is not None and e[0] in state.sites]
+        assert producers and all(p == out for p in producers), (cat.key, out, producers)

@@ -35,14 +35,23 @@ def exported(tmp_path, recipe: str):
     return net, qatkit.export_onnx(net, (x,), tmp_path / f"{recipe}.onnx")
 
 
-def test_onnxruntime_graph_lint(tmp_path):
+def test_onnxruntime_graph_lints_clean(tmp_path):
     _, path = exported(tmp_path, "onnxruntime")
-    # every conv reads int8, every Q has its DQ, the max-pool keeps its input's scale; the concat's inputs keep
-    # their own scales (ORT requantizes them; sharing one scale is issue #3) and the lint says so
-    assert ins.lint_onnx(path) == {"concat inputs with different scales": 1}
+    # every conv reads int8, every Q has its DQ, the max-pool keeps its input's scale, the concat shares one
+    assert ins.lint_onnx(path) == {}
     rows = ins.onnx_rows(path)
     assert any(r.scheme == "constant" for r in rows) and any(r.scheme == "activation" for r in rows)
-    assert cli.main(["inspect", str(path)]) == 0
+    assert cli.main(["inspect", str(path), "--strict"]) == 0
+
+
+def test_lint_sees_concat_scales_when_sharing_is_off(tmp_path):
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.rand(1, 3, 16, 16)
+    qatkit.quantize(net, {"base": "onnxruntime", "share_concat_scales": False}, (x,))
+    qatkit.calibrate(net, [torch.rand(2, 3, 16, 16)], method="max")
+    path = qatkit.export_onnx(net, (x,), tmp_path / "unshared.onnx")
+    assert ins.lint_onnx(path) == {"concat inputs with different scales": 1}
     assert cli.main(["inspect", str(path), "--strict"]) == 1
 
 

@@ -46,6 +46,7 @@ class _Placer:
         self.edge_q: dict[Edge, str] = {}  # activation quantizer carried by each tensor
         self.skip = [re.compile(p) for p in recipe.skip]
         self.relu_fused: set[Edge] = set()  # conv outputs left float because a following ReLU is quantized
+        self.parent: dict[str, str] = {}  # union-find over quantizer keys that must share one scale
         self.output_edges = set(graph.outputs)
 
     # ---------------------------------------------------------------- helpers
@@ -102,6 +103,27 @@ class _Placer:
         for i in range(node.num_outputs):
             self.edge_q[(node.key, i)] = q
 
+    def find(self, key: str | None) -> str | None:
+        while key is not None and self.parent.get(key, key) != key:
+            key = self.parent[key]
+        return key
+
+    def share(self, keys: list[str]) -> None:
+        """Make ``keys`` one quantizer (the first one's), e.g. a concat's inputs and output."""
+        roots = [self.find(k) for k in keys]
+        for r in roots[1:]:
+            if r != roots[0]:
+                self.parent[r] = roots[0]
+
+    def merge_shared(self) -> None:
+        """Rewrite every reference to a merged quantizer to its group's quantizer, and drop the merged ones."""
+        f = self.find
+        for site in self.out.sites.values():
+            site.inputs = {i: f(k) for i, k in site.inputs.items()}
+            site.output, site.bias_from = f(site.output), f(site.bias_from)
+        self.edge_q = {e: f(k) for e, k in self.edge_q.items()}
+        self.out.quantizers = {k: q for k, q in self.out.quantizers.items() if f(k) == k}
+
     # ---------------------------------------------------------------- policies
     def run(self) -> Placement:
         inputs = [n for n in self.g.nodes.values() if n.kind == "input"]
@@ -117,6 +139,7 @@ class _Placer:
                 self.all_activations(node)
             else:
                 self.compute_inputs(node)
+        self.merge_shared()
         self.out.sites = {k: s for k, s in self.out.sites.items() if s != Site(s.kind)}
         self.out.outputs = [self.edge_q.get(e) if self.r.placement == "all_activations" else None
                             for e in self.g.outputs]
@@ -149,6 +172,8 @@ class _Placer:
             if kind == "silu":
                 self.site(node).sigmoid = self.new_act(f"{node.key}/sigmoid")
             self.set_output(node, self.new_act(f"{node.key}/output"))
+            if kind == "cat" and self.r.share_concat_scales:  # ORT's QLinearConcat then copies, no requantize
+                self.share([self.edge_q[(node.key, 0)]] + [self.edge_q[e] for e in node.inputs if e in self.edge_q])
         elif kind == "shape" and first in self.edge_q:
             self.set_output(node, self.edge_q[first])
 

@@ -35,6 +35,7 @@ class Recipe(BaseModel):
     weight: QuantScheme
     placement: Literal["all_activations", "compute_inputs"]
     keep_output_convs_float: bool = False
+    share_concat_scales: bool = False  # all_activations: a concat's inputs and output use one quantizer
     quantize_model_input: bool = True
     skip: list[str] = []
 
