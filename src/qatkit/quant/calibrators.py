@@ -4,7 +4,7 @@ A calibrator only proposes ``(lo, hi)``; :func:`range_to_qparams` is the single 
 that turns a range into ``(scale, zero_point)``.  The MSE search uses that same
 function, so the error it minimises is the error of the grid the quantizer will build.
 
-Histogram-based methods (percentile, mse, entropy) share :class:`_Histogram`, whose
+Histogram-based methods (percentile, mse, entropy) share :class:`~qatkit.quant.histogram.Histogram`, whose
 memory is bounded (``bins`` float64 counts) however many batches are observed.
 """
 
@@ -16,159 +16,14 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from .histogram import Histogram, expected_sq_error
+from .qparams import CalibrationError, range_to_qparams
+
 __all__ = ["CALIBRATORS", "CalibrationError", "Calibrator", "EMACalibrator", "EntropyCalibrator",
            "MSECalibrator", "MaxCalibrator", "PercentileCalibrator", "make_calibrator", "range_to_qparams"]
 
-_TINY = 1e-12  # ranges at or below this get scale 1.0; every scale is clamped >= this
-_GROWTH = 0.25  # histogram range grows by at least this fraction, to bound re-binning
 _CHUNK_ELEMS = 1 << 20  # candidates x bins evaluated at once in the searches (~8 MB per temporary)
-
-
-class CalibrationError(ValueError):
-    """Calibration cannot proceed (bad input, nothing observed, inconsistent state)."""
-
-
-def range_to_qparams(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
-                     symmetric: bool) -> tuple[Tensor, Tensor]:
-    """Map a clipping range onto the integer grid ``[qmin, qmax]``.
-
-    Returns ``(scale float32, zero_point int32)`` broadcast to the shape of lo/hi
-    (``[]`` per tensor, ``[C]`` per channel), on the device of lo/hi.
-
-    * symmetric, signed grid (qmin < 0): ``scale = max(|lo|,|hi|) / qmax``, zp = 0.
-    * symmetric, unsigned grid (qmin >= 0): ``scale = hi / (qmax - qmin)``, zp = qmin.
-    * affine: the range is first widened to contain 0 (so 0 is exactly representable),
-      ``scale = (hi - lo) / (qmax - qmin)``, ``zp = qmin - round(lo / scale)``.
-
-    A range <= 1e-12 (e.g. an all-zero channel) gets scale 1.0 rather than 0/NaN/Inf.
-    """
-    if qmin >= qmax:
-        raise ValueError(f"need qmin < qmax, got [{qmin}, {qmax}]")
-    lo_t = torch.as_tensor(lo, dtype=torch.float32)
-    hi_t = torch.as_tensor(hi, dtype=torch.float32, device=lo_t.device)
-    lo_t, hi_t = torch.broadcast_tensors(lo_t, hi_t)
-    if not bool(torch.isfinite(lo_t).all() & torch.isfinite(hi_t).all()):
-        raise CalibrationError(f"range contains NaN/Inf: lo={lo_t.tolist()}, hi={hi_t.tolist()}")
-    if symmetric:
-        if qmin < 0:
-            span, steps = torch.maximum(lo_t.abs(), hi_t.abs()), qmax
-            zp = torch.zeros_like(lo_t, dtype=torch.int32)
-        else:
-            span, steps = hi_t.clamp(min=0.0), qmax - qmin
-            zp = torch.full_like(lo_t, qmin, dtype=torch.int32)
-        scale = _safe_scale(span, steps)
-        return scale, zp
-    lo_t, hi_t = lo_t.clamp(max=0.0), hi_t.clamp(min=0.0)
-    scale = _safe_scale(hi_t - lo_t, qmax - qmin)
-    zp = (qmin - torch.round(lo_t / scale)).clamp(qmin, qmax).to(torch.int32)
-    return scale, zp
-
-
-def _safe_scale(span: Tensor, steps: int) -> Tensor:
-    """``span / steps``, but 1.0 for a degenerate span and never below 1e-12."""
-    scale = torch.where(span <= _TINY, torch.ones_like(span), span / steps)
-    return scale.clamp(min=_TINY).to(torch.float32)
-
-
-def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Piecewise-linear interpolation (numpy.interp) in torch; xp increasing, clamps ends."""
-    idx = torch.searchsorted(xp, x, right=True).clamp(1, xp.numel() - 1)
-    x0, x1 = xp[idx - 1], xp[idx]
-    t = ((x - x0) / (x1 - x0).clamp(min=torch.finfo(xp.dtype).tiny)).clamp(0.0, 1.0)
-    return fp[idx - 1] + t * (fp[idx] - fp[idx - 1])
-
-
-class _Histogram:
-    """Fixed-bin histogram over ``[lo, hi]`` whose range grows when new data exceeds it.
-
-    ``absolute=True`` histograms |x| over ``[0, amax]``; otherwise x over ``[min, max]``.
-    On growth the range widens to cover the new data and by at least 25 % (so a slowly
-    rising max re-bins only O(log) times), and old counts are re-binned proportionally:
-    each old bin's count is assumed uniform within the bin and split by overlap with the
-    new bins.  Mass is conserved exactly; positions blur by at most one new bin width per
-    re-bin, which is the only approximation (a single-batch histogram has none).
-    """
-
-    def __init__(self, bins: int, absolute: bool) -> None:
-        self.bins, self.absolute = bins, absolute
-        self.counts: Tensor | None = None
-        self.lo = self.hi = 0.0  # histogram range
-        self.min = self.max = 0.0  # exact observed extremes of x (signed, not |x|)
-
-    def add(self, x: Tensor) -> None:
-        bmin, bmax = (float(v) for v in torch.aminmax(x))
-        vals = x.abs() if self.absolute else x
-        need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
-        if self.counts is None:
-            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
-            self.lo, self.hi, self.min, self.max = need_lo, need_hi, bmin, bmax
-        else:
-            self.min, self.max = min(self.min, bmin), max(self.max, bmax)
-            if need_lo < self.lo or need_hi > self.hi:
-                width = self.hi - self.lo
-                new_hi = self.hi if need_hi <= self.hi else max(need_hi, self.hi + _GROWTH * width)
-                new_lo = self.lo if need_lo >= self.lo else min(need_lo, self.lo - _GROWTH * width)
-                self._rebin(new_lo, new_hi)
-        if self.hi <= self.lo:  # degenerate range: every value equals lo
-            self.counts[0] += vals.numel()
-            return
-        # histc: one pass in C++, ~6x faster than floor/long/bincount on CPU (values at hi land in the last bin)
-        self.counts += torch.histc(vals.float().reshape(-1), self.bins, self.lo, self.hi).to(torch.float64)
-
-    def _require(self) -> Tensor:
-        if self.counts is None:
-            raise CalibrationError("histogram is empty: nothing observed yet")
-        return self.counts
-
-    def _rebin(self, new_lo: float, new_hi: float) -> None:
-        counts = self._require()
-        new_edges = torch.linspace(new_lo, new_hi, self.bins + 1, dtype=torch.float64,
-                                   device=counts.device)
-        if self.hi > self.lo:
-            cdf = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            self.counts = _interp(new_edges, self.edges(), cdf).diff().clamp(min=0.0)
-        else:  # point mass at lo goes to the new bin containing it
-            total, self.counts = counts.sum(), torch.zeros_like(counts)
-            pos = (self.lo - new_lo) / (new_hi - new_lo) * self.bins
-            self.counts[min(int(pos), self.bins - 1)] = total
-        self.lo, self.hi = new_lo, new_hi
-
-    def edges(self) -> Tensor:
-        return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64,
-                              device=self._require().device)
-
-    def percentile(self, p: float) -> float:
-        """Value below which ``p`` % of the mass lies, interpolating inside the bin."""
-        counts = self._require()
-        cdf = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        target = min(p / 100.0, 1.0) * float(cdf[-1])
-        idx = min(int(torch.searchsorted(cdf, cdf.new_tensor([target]))[0]), self.bins)
-        if idx == 0 or self.hi <= self.lo:
-            return self.lo
-        edges, k = self.edges(), idx - 1
-        frac = (target - float(cdf[k])) / max(float(counts[k]), 1e-300)
-        value = float(edges[k]) + min(max(frac, 0.0), 1.0) * float(edges[k + 1] - edges[k])
-        lo_obs, hi_obs = (0.0, max(-self.min, self.max)) if self.absolute else (self.min, self.max)
-        return min(max(value, lo_obs), hi_obs)
-
-    def state(self) -> dict[str, Tensor]:
-        counts = self._require()
-        dev = counts.device
-        return {"hist_counts": counts.clone(),
-                "hist_range": torch.tensor([self.lo, self.hi], dtype=torch.float64, device=dev),
-                "observed_minmax": torch.tensor([self.min, self.max], dtype=torch.float64, device=dev)}
-
-    def load(self, state: dict[str, Tensor]) -> None:
-        counts = state["hist_counts"]
-        if counts.shape != (self.bins,):
-            raise CalibrationError(f"hist_counts has shape {tuple(counts.shape)}, calibrator uses {self.bins} bins")
-        self.counts = counts.detach().to(torch.float64).clone()
-        self.lo, self.hi = (float(v) for v in state["hist_range"])
-        self.min, self.max = (float(v) for v in state["observed_minmax"])
-
-
 _Option = tuple[Any, Callable[[Any], bool], str]  # default, validity check, what valid means
-
 
 class Calibrator:
     """Base class: input checking, option handling, count of batches, state, range helpers.
@@ -362,7 +217,7 @@ class _HistogramCalibrator(Calibrator):
         return self.symmetric
 
     def _clear(self) -> None:
-        self.hist = _Histogram(self.options["bins"], self._absolute())
+        self.hist = Histogram(self.options["bins"], self._absolute())
 
     def _observe(self, x: Tensor) -> None:
         if self.hist.counts is not None:
@@ -395,32 +250,6 @@ class PercentileCalibrator(_HistogramCalibrator):
             return self._range_from_amax(self._scalar(self.hist.percentile(p)))
         lo, hi = self.hist.percentile(100.0 - p), self.hist.percentile(p)
         return self._scalar(min(lo, 0.0)), self._scalar(max(hi, 0.0))
-
-
-def _sawtooth_integral(v: Tensor, s: Tensor) -> Tensor:
-    """Antiderivative of the rounding error squared, (v - s*round(v/s))^2, in v."""
-    u = v / s + 0.5
-    n = torch.floor(u)
-    r = u - n
-    return s ** 3 * (n / 12.0 + ((r - 0.5) ** 3 + 0.125) / 3.0)
-
-
-def _expected_sq_error(edges: Tensor, counts: Tensor, scale: Tensor, g_lo: Tensor, g_hi: Tensor) -> Tensor:
-    """Mean squared fake-quant error of the histogram for each candidate grid.
-
-    Candidates are rows (``scale``, ``g_lo``, ``g_hi`` of shape [K, 1]: step and the
-    lowest / highest representable value).  Each bin's mass is taken as uniform inside the
-    bin and the error is integrated exactly: rounding error between g_lo and g_hi,
-    clipping error ``(v - g)^2`` outside.  Returns [K].
-    """
-    a, b = edges[:-1], edges[1:]
-    density = counts / (b - a).clamp(min=1e-300)
-    la, lb = torch.minimum(a, g_lo), torch.minimum(b, g_lo)
-    ha, hb = torch.maximum(a, g_hi), torch.maximum(b, g_hi)
-    ma, mb = torch.maximum(torch.minimum(a, g_hi), g_lo), torch.maximum(torch.minimum(b, g_hi), g_lo)
-    integral = (((lb - g_lo) ** 3 - (la - g_lo) ** 3) + ((hb - g_hi) ** 3 - (ha - g_hi) ** 3)) / 3.0
-    integral = integral + _sawtooth_integral(mb, scale) - _sawtooth_integral(ma, scale)
-    return (integral * density).sum(dim=1) / counts.sum().clamp(min=1.0)
 
 
 class MSECalibrator(_HistogramCalibrator):
@@ -485,7 +314,7 @@ class MSECalibrator(_HistogramCalibrator):
             scale, zp = range_to_qparams(lo[start:start + chunk], hi[start:start + chunk],
                                          self.qmin, self.qmax, self.symmetric)
             s, zp = scale.double()[:, None], zp.double()[:, None]
-            err = _expected_sq_error(edges, counts, s, (self.qmin - zp) * s, (self.qmax - zp) * s)
+            err = expected_sq_error(edges, counts, s, (self.qmin - zp) * s, (self.qmax - zp) * s)
             e, i = torch.min(err, dim=0)
             if float(e) < best_err:
                 best_err, best = float(e), start + int(i)

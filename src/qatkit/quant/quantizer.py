@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import DataError, NotCalibratedError
-from .calibrators import CalibrationError, Calibrator, make_calibrator, range_to_qparams
+from .calibrators import Calibrator, make_calibrator
+from .qparams import CalibrationError, range_to_qparams
 from .scheme import QuantScheme
 
 

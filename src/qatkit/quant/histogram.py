@@ -1,0 +1,136 @@
+"""A bounded-memory histogram that grows its range, and the expected fake-quant error over it.
+
+Shared by the percentile, MSE and entropy calibrators.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .qparams import CalibrationError
+
+_GROWTH = 0.25  # histogram range grows by at least this fraction, to bound re-binning
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation (numpy.interp) in torch; xp increasing, clamps ends."""
+    idx = torch.searchsorted(xp, x, right=True).clamp(1, xp.numel() - 1)
+    x0, x1 = xp[idx - 1], xp[idx]
+    t = ((x - x0) / (x1 - x0).clamp(min=torch.finfo(xp.dtype).tiny)).clamp(0.0, 1.0)
+    return fp[idx - 1] + t * (fp[idx] - fp[idx - 1])
+
+
+class Histogram:
+    """Fixed-bin histogram over ``[lo, hi]`` whose range grows when new data exceeds it.
+
+    ``absolute=True`` histograms |x| over ``[0, amax]``; otherwise x over ``[min, max]``.
+    On growth the range widens to cover the new data and by at least 25 % (so a slowly
+    rising max re-bins only O(log) times), and old counts are re-binned proportionally:
+    each old bin's count is assumed uniform within the bin and split by overlap with the
+    new bins.  Mass is conserved exactly; positions blur by at most one new bin width per
+    re-bin, which is the only approximation (a single-batch histogram has none).
+    """
+
+    def __init__(self, bins: int, absolute: bool) -> None:
+        self.bins, self.absolute = bins, absolute
+        self.counts: Tensor | None = None
+        self.lo = self.hi = 0.0  # histogram range
+        self.min = self.max = 0.0  # exact observed extremes of x (signed, not |x|)
+
+    def add(self, x: Tensor) -> None:
+        bmin, bmax = (float(v) for v in torch.aminmax(x))
+        vals = x.abs() if self.absolute else x
+        need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
+        if self.counts is None:
+            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
+            self.lo, self.hi, self.min, self.max = need_lo, need_hi, bmin, bmax
+        else:
+            self.min, self.max = min(self.min, bmin), max(self.max, bmax)
+            if need_lo < self.lo or need_hi > self.hi:
+                width = self.hi - self.lo
+                new_hi = self.hi if need_hi <= self.hi else max(need_hi, self.hi + _GROWTH * width)
+                new_lo = self.lo if need_lo >= self.lo else min(need_lo, self.lo - _GROWTH * width)
+                self._rebin(new_lo, new_hi)
+        if self.hi <= self.lo:  # degenerate range: every value equals lo
+            self.counts[0] += vals.numel()
+            return
+        # histc: one pass in C++, ~6x faster than floor/long/bincount on CPU (values at hi land in the last bin)
+        self.counts += torch.histc(vals.float().reshape(-1), self.bins, self.lo, self.hi).to(torch.float64)
+
+    def _require(self) -> Tensor:
+        if self.counts is None:
+            raise CalibrationError("histogram is empty: nothing observed yet")
+        return self.counts
+
+    def _rebin(self, new_lo: float, new_hi: float) -> None:
+        counts = self._require()
+        new_edges = torch.linspace(new_lo, new_hi, self.bins + 1, dtype=torch.float64,
+                                   device=counts.device)
+        if self.hi > self.lo:
+            cdf = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            self.counts = _interp(new_edges, self.edges(), cdf).diff().clamp(min=0.0)
+        else:  # point mass at lo goes to the new bin containing it
+            total, self.counts = counts.sum(), torch.zeros_like(counts)
+            pos = (self.lo - new_lo) / (new_hi - new_lo) * self.bins
+            self.counts[min(int(pos), self.bins - 1)] = total
+        self.lo, self.hi = new_lo, new_hi
+
+    def edges(self) -> Tensor:
+        return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64,
+                              device=self._require().device)
+
+    def percentile(self, p: float) -> float:
+        """Value below which ``p`` % of the mass lies, interpolating inside the bin."""
+        counts = self._require()
+        cdf = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        target = min(p / 100.0, 1.0) * float(cdf[-1])
+        idx = min(int(torch.searchsorted(cdf, cdf.new_tensor([target]))[0]), self.bins)
+        if idx == 0 or self.hi <= self.lo:
+            return self.lo
+        edges, k = self.edges(), idx - 1
+        frac = (target - float(cdf[k])) / max(float(counts[k]), 1e-300)
+        value = float(edges[k]) + min(max(frac, 0.0), 1.0) * float(edges[k + 1] - edges[k])
+        lo_obs, hi_obs = (0.0, max(-self.min, self.max)) if self.absolute else (self.min, self.max)
+        return min(max(value, lo_obs), hi_obs)
+
+    def state(self) -> dict[str, Tensor]:
+        counts = self._require()
+        dev = counts.device
+        return {"hist_counts": counts.clone(),
+                "hist_range": torch.tensor([self.lo, self.hi], dtype=torch.float64, device=dev),
+                "observed_minmax": torch.tensor([self.min, self.max], dtype=torch.float64, device=dev)}
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        counts = state["hist_counts"]
+        if counts.shape != (self.bins,):
+            raise CalibrationError(f"hist_counts has shape {tuple(counts.shape)}, calibrator uses {self.bins} bins")
+        self.counts = counts.detach().to(torch.float64).clone()
+        self.lo, self.hi = (float(v) for v in state["hist_range"])
+        self.min, self.max = (float(v) for v in state["observed_minmax"])
+
+
+def sawtooth_integral(v: Tensor, s: Tensor) -> Tensor:
+    """Antiderivative of the rounding error squared, (v - s*round(v/s))^2, in v."""
+    u = v / s + 0.5
+    n = torch.floor(u)
+    r = u - n
+    return s ** 3 * (n / 12.0 + ((r - 0.5) ** 3 + 0.125) / 3.0)
+
+
+def expected_sq_error(edges: Tensor, counts: Tensor, scale: Tensor, g_lo: Tensor, g_hi: Tensor) -> Tensor:
+    """Mean squared fake-quant error of the histogram for each candidate grid.
+
+    Candidates are rows (``scale``, ``g_lo``, ``g_hi`` of shape [K, 1]: step and the
+    lowest / highest representable value).  Each bin's mass is taken as uniform inside the
+    bin and the error is integrated exactly: rounding error between g_lo and g_hi,
+    clipping error ``(v - g)^2`` outside.  Returns [K].
+    """
+    a, b = edges[:-1], edges[1:]
+    density = counts / (b - a).clamp(min=1e-300)
+    la, lb = torch.minimum(a, g_lo), torch.minimum(b, g_lo)
+    ha, hb = torch.maximum(a, g_hi), torch.maximum(b, g_hi)
+    ma, mb = torch.maximum(torch.minimum(a, g_hi), g_lo), torch.maximum(torch.minimum(b, g_hi), g_lo)
+    integral = (((lb - g_lo) ** 3 - (la - g_lo) ** 3) + ((hb - g_hi) ** 3 - (ha - g_hi) ** 3)) / 3.0
+    integral = integral + sawtooth_integral(mb, scale) - sawtooth_integral(ma, scale)
+    return (integral * density).sum(dim=1) / counts.sum().clamp(min=1.0)
