@@ -30,7 +30,7 @@ class _QuantDequantExport(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, zero_point, axis, clip):  # noqa: D401 - torch API
-        return y
+        return y.clone()  # a fresh tensor: models with in-place ops (ReLU(inplace=True)) write into it
 
     @staticmethod
     def symbolic(g, x, y, scale, zero_point, axis, clip):
@@ -47,7 +47,7 @@ class _DequantConstExport(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, y, scale, zero_point, axis):
-        return y
+        return y.clone()
 
     @staticmethod
     def symbolic(g, q, y, scale, zero_point, axis):
