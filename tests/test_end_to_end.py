@@ -72,3 +72,19 @@ def test_cli_errors_are_clear(run_config, capsys):
     assert "unknown key 'qat_stepz'" in capsys.readouterr().err
     assert cli.main(["export", "--config", str(path), "--checkpoint", str(root / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_user_recipe_yaml_from_the_cli(run_config, capsys):
+    path, root = run_config
+    recipe = root / "my_trt.yaml"
+    recipe.write_text("base: tensorrt\nrules:\n  - module_name: stem\n    skip: true\n")
+    out = root / "user" / "ptq.pt"
+    assert cli.main(["calibrate", "--config", str(path), "--recipe", str(recipe), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "stem.conv/weight" not in table and "stage1.0.conv/weight" in table  # stem kept float
+    typo = root / "typo.yaml"
+    typo.write_text("base: tensorrt\nrules:\n  - module_name: stem\n    skp: true\n")
+    assert cli.main(["calibrate", "--config", str(path), "--recipe", str(typo), "--out", str(out)]) == 2
+    assert "unknown key 'rules.0.skp'" in capsys.readouterr().err

@@ -12,7 +12,6 @@ Two placement policies, chosen by the recipe:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -21,6 +20,7 @@ from .capture import Edge, Graph, Node
 from .quant.quantizer import FakeQuantizer
 from .quant.scheme import QuantScheme
 from .recipes import Recipe
+from .recipes.rules import Resolved, Rule, resolve
 from .runtime import ROOT, Site
 
 COMPUTE = ("conv", "linear")
@@ -44,24 +44,46 @@ class _Placer:
         self.g, self.r, self.model = graph, recipe, model
         self.out = Placement()
         self.edge_q: dict[Edge, str] = {}  # activation quantizer carried by each tensor
-        self.skip = [re.compile(p) for p in recipe.skip]
+        self.rules = [Rule(module_name_regex=p, skip=True) for p in recipe.skip] + list(recipe.rules)
+        self._resolved: dict[str, Resolved] = {}
         self.relu_fused: set[Edge] = set()  # conv outputs left float because a following ReLU is quantized
         self.parent: dict[str, str] = {}  # union-find over quantizer keys that must share one scale
         self.output_edges = set(graph.outputs)
 
     # ---------------------------------------------------------------- helpers
-    def skipped(self, key: str) -> bool:
-        path = _module_path(key)
-        parts = path.split(".")
-        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-        return any(p.fullmatch(pre) for p in self.skip for pre in prefixes)
+    def rule(self, node: Node) -> Resolved:
+        """Recipe settings for ``node`` after its matching rules (see qatkit.recipes.rules)."""
+        if node.key not in self._resolved:
+            path = "" if node.kind == "input" else node.module or _module_path(node.key)
+            types = [type(m).__name__ for m in self._owners(path)]
+            types += [node.kind, node.op] if node.module is None else []
+            self._resolved[node.key] = resolve(self.rules, self.r.activation, self.r.weight, path, types)
+        return self._resolved[node.key]
+
+    def _owners(self, path: str) -> list[nn.Module]:
+        """The root and each module along ``path`` (names the capture could not resolve are left out)."""
+        parts, owners = path.split(".") if path else [], [self.model]
+        for i in range(len(parts)):
+            try:
+                owners.append(self.model.get_submodule(".".join(parts[: i + 1])))
+            except AttributeError:
+                continue
+        return owners
+
+    def skipped(self, node: Node) -> bool:
+        return self.rule(node).skip
 
     def site(self, node: Node) -> Site:
         return self.out.sites.setdefault(node.key, Site(node.kind))
 
-    def new_act(self, name: str) -> str:
-        self.out.quantizers[name] = FakeQuantizer(self.r.activation, name)
+    def new_act(self, node: Node, name: str) -> str:
+        self.out.quantizers[name] = FakeQuantizer(self.rule(node).activation, name)
         return name
+
+    def add_output(self, node: Node) -> None:
+        """A new quantizer on ``node``'s output, unless a rule says its output stays float."""
+        if self.rule(node).quantize_output:
+            self.set_output(node, self.new_act(node, f"{node.key}/output"))
 
     def only_consumer(self, node: Node) -> Node | None:
         users = self.g.consumers((node.key, 0))
@@ -69,7 +91,7 @@ class _Placer:
 
     def folded_bn(self, node: Node) -> Node | None:
         nxt = self.only_consumer(node)
-        return nxt if nxt is not None and nxt.kind == "bn" and not self.skipped(nxt.key) else None
+        return nxt if nxt is not None and nxt.kind == "bn" and not self.skipped(nxt) else None
 
     def is_model_output(self, node: Node) -> bool:
         bn = self.folded_bn(node)
@@ -77,7 +99,7 @@ class _Placer:
 
     def add_weight(self, node: Node) -> None:
         module = self.model.get_submodule(node.module)
-        scheme: QuantScheme = self.r.weight
+        scheme: QuantScheme = self.rule(node).weight
         axis = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
         scheme = scheme.model_copy(update={"axis": axis}) if scheme.per_channel else scheme
         name = f"{node.key}/weight"
@@ -94,10 +116,10 @@ class _Placer:
         """Inputs that arrive unquantized get a quantizer at this node (so the op reads int8)."""
         for i, edge in enumerate(node.inputs):
             if edge is not None and edge not in self.edge_q:
-                self.site(node).inputs[i] = self.new_act(f"{node.key}/input{i}")
+                self.site(node).inputs[i] = self.new_act(node, f"{node.key}/input{i}")
 
     def set_output(self, node: Node, q: str | None) -> None:
-        if q is None:
+        if q is None or not self.rule(node).quantize_output:
             return
         self.site(node).output = q
         for i in range(node.num_outputs):
@@ -130,10 +152,10 @@ class _Placer:
         if self.r.placement == "all_activations" and self.r.quantize_model_input and inputs:
             root = self.out.sites.setdefault(ROOT, Site("input"))
             for i, n in enumerate(inputs):
-                q = root.inputs[i] = self.new_act(f"input{i}")
+                q = root.inputs[i] = self.new_act(n, f"input{i}")
                 self.edge_q[(n.key, 0)] = q
         for node in self.g.nodes.values():
-            if node.kind == "input" or self.skipped(node.key):
+            if node.kind == "input" or self.skipped(node):
                 continue
             if self.r.placement == "all_activations":
                 self.all_activations(node)
@@ -157,12 +179,12 @@ class _Placer:
             site.bias_from = site.inputs.get(0) or self.edge_q.get(first)
             nxt = self.folded_bn(node) or node
             after = self.only_consumer(nxt)
-            fused_relu = after is not None and after.kind == "relu" and not self.skipped(after.key)
+            fused_relu = after is not None and after.kind == "relu" and not self.skipped(after)
             if fused_relu:  # conv+relu: only the relu output is quantized, ORT fuses the pair
                 self.relu_fused.add((nxt.key, 0))
             else:
-                self.set_output(node, self.new_act(f"{node.key}/output"))
-                if nxt is not node:
+                self.add_output(node)
+                if nxt is not node and (node.key, 0) in self.edge_q:
                     self.edge_q[(nxt.key, 0)] = self.edge_q[(node.key, 0)]
         elif kind == "bn" and self.site(node).identity:
             pass
@@ -170,9 +192,9 @@ class _Placer:
             if first not in self.relu_fused:
                 self.quantize_missing_inputs(node)
             if kind == "silu":
-                self.site(node).sigmoid = self.new_act(f"{node.key}/sigmoid")
-            self.set_output(node, self.new_act(f"{node.key}/output"))
-            if kind == "cat" and self.r.share_concat_scales:  # ORT's QLinearConcat then copies, no requantize
+                self.site(node).sigmoid = self.new_act(node, f"{node.key}/sigmoid")
+            self.add_output(node)
+            if kind == "cat" and self.r.share_concat_scales and (node.key, 0) in self.edge_q:  # ORT's QLinearConcat then copies, no requantize
                 self.share([self.edge_q[(node.key, 0)]] + [self.edge_q[e] for e in node.inputs if e in self.edge_q])
         elif kind == "shape" and first in self.edge_q:
             self.set_output(node, self.edge_q[first])
@@ -185,7 +207,7 @@ class _Placer:
         edge = node.inputs[0]
         q = self.edge_q.get(edge)
         if q is None:
-            q = self.new_act(f"{edge[0]}/output{edge[1]}" if edge else f"{node.key}/input0")
+            q = self.new_act(node, f"{edge[0]}/output{edge[1]}" if edge else f"{node.key}/input0")
             if edge is not None:
                 self.edge_q[edge] = q
         self.site(node).inputs[0] = q

@@ -6,13 +6,14 @@ Built-ins live next to this file as YAML; a user recipe is a YAML file or dict t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import RecipeError
 from ..quant.scheme import QuantScheme
+from .rules import Rule
 
 RECIPE_DIR = Path(__file__).parent
 
@@ -37,7 +38,8 @@ class Recipe(BaseModel):
     keep_output_convs_float: bool = False
     share_concat_scales: bool = False  # all_activations: a concat's inputs and output use one quantizer
     quantize_model_input: bool = True
-    skip: list[str] = []
+    skip: list[str] = []  # module-name regexes kept float (shorthand for rules with skip: true)
+    rules: list[Rule] = []  # per-layer overrides, see qatkit.recipes.rules for matching and priority
 
 
 def builtin_recipes() -> list[str]:
@@ -73,6 +75,17 @@ def _resolve(data: dict, seen: tuple[str, ...] = ()) -> dict:
     return _merge(parent, data)
 
 
+def _model_in(annotation):
+    """The pydantic model inside ``list[X]`` / ``X | None`` / ``X`` (for naming valid keys)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -80,8 +93,10 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             parent = Recipe
             for p in e["loc"][:-1]:
-                field = parent.model_fields.get(str(p))
-                parent = field.annotation if field is not None else parent
+                if isinstance(p, int):  # list index: the list's item model
+                    continue
+                field = getattr(parent, "model_fields", {}).get(str(p))
+                parent = _model_in(field.annotation) if field is not None else parent
             valid = ", ".join(getattr(parent, "model_fields", {}).keys())
             lines.append(f"unknown key {where!r}; valid keys here: {valid}")
         else:

@@ -1,0 +1,95 @@
+"""Per-layer rules: which layers a recipe override applies to, and which override wins.
+
+A rule names its layers one way: ``object_type`` (a module class name such as ``Conv2d`` or ``Head``, matching
+that module and everything inside it, or a functional op such as ``add``/``cat``), ``module_name_regex`` (matched
+in full against a layer's module path or any of its parents), or ``module_name`` (a module and its subtree).
+Priority, lowest first, as in PyTorch's qconfig mapping and seed 001: the recipe's global settings <
+``object_type`` < ``module_name_regex`` < ``module_name``; among ``module_name`` rules the deeper module wins, and
+otherwise a later rule wins over an earlier one.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from ..quant.scheme import QuantScheme
+
+KINDS = ("object_type", "module_name_regex", "module_name")
+
+
+class Rule(BaseModel):
+    """One override. ``activation``/``weight`` hold only the keys to change (e.g. ``{bits: 4}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    object_type: str | None = None
+    module_name_regex: str | None = None
+    module_name: str | None = None
+    skip: bool | None = None  # keep these layers float
+    quantize_output: bool | None = None  # False: these layers' outputs are not quantized
+    activation: dict | None = None
+    weight: dict | None = None
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "Rule":
+        chosen = [k for k in KINDS if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"a rule needs exactly one of {', '.join(KINDS)}; got {chosen or 'none'}")
+        if self.module_name_regex is not None:
+            try:
+                re.compile(self.module_name_regex)
+            except re.error as e:
+                raise ValueError(f"module_name_regex {self.module_name_regex!r} is not a valid regex: {e}") from e
+        for field in ("activation", "weight"):
+            override = getattr(self, field)
+            if override is not None:  # name an unknown key or bad value now, not at placement
+                try:
+                    QuantScheme.model_validate(override)
+                except ValidationError as e:
+                    problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+                    raise ValueError(f"{field}: {problems} (valid keys: {', '.join(QuantScheme.model_fields)})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The settings that apply to one layer after all matching rules."""
+
+    skip: bool
+    quantize_output: bool
+    activation: QuantScheme
+    weight: QuantScheme
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def matches(rule: Rule, path: str, types: list[str]) -> bool:
+    """``path``: the layer's module path; ``types``: class names of it and its parents, plus a functional op kind."""
+    if rule.object_type is not None:
+        return rule.object_type in types
+    if rule.module_name_regex is not None:
+        return any(re.fullmatch(rule.module_name_regex, p) for p in _prefixes(path))
+    return path == rule.module_name or path.startswith(rule.module_name + ".")
+
+
+def resolve(rules: list[Rule], activation: QuantScheme, weight: QuantScheme, path: str,
+            types: list[str]) -> Resolved:
+    order = {k: i for i, k in enumerate(KINDS)}
+    hits = [(order[r.kind], len(r.module_name or ""), i, r) for i, r in enumerate(rules) if matches(r, path, types)]
+    skip, quantize_output = False, True
+    act, wt = activation.model_dump(), weight.model_dump()
+    for *_, r in sorted(hits, key=lambda h: h[:3]):
+        skip = r.skip if r.skip is not None else skip
+        quantize_output = r.quantize_output if r.quantize_output is not None else quantize_output
+        act.update(r.activation or {})
+        wt.update(r.weight or {})
+    return Resolved(skip, quantize_output, QuantScheme.model_validate(act), QuantScheme.model_validate(wt))
