@@ -267,3 +267,76 @@ def test_calibration_state_is_in_state_dict():
     assert fresh.is_calibrated
     x = torch.tensor([0.123, 3.0, -0.456])
     assert torch.equal(fresh(x), q(x))
+
+
+# ---------------------------------------------------------------- scale modes during QAT
+def _scheme(mode: str, **kw) -> QuantScheme:
+    return QuantScheme(bits=8, signed=False, symmetric=False, scale_mode=mode, **kw)
+
+
+def test_learned_scale_is_a_parameter_that_gets_gradients():
+    q = FakeQuantizer(_scheme("learned"), "lsq")
+    assert isinstance(q.scale, torch.nn.Parameter)
+    q.set_range(torch.tensor(0.0), torch.tensor(1.0))
+    x = torch.linspace(-0.2, 1.5, 200, requires_grad=True)
+    q(x).square().sum().backward()
+    assert q.scale.grad is not None and float(q.scale.grad.abs()) > 0
+    assert x.grad is not None and float(x.grad[x.detach() > 1.2].abs().sum()) == 0  # clipped: no input gradient
+
+
+def test_learned_scale_trains_towards_a_better_range():
+    torch.manual_seed(0)
+    q = FakeQuantizer(_scheme("learned"), "lsq")
+    q.set_range(torch.tensor(0.0), torch.tensor(0.2))  # far too narrow for data in [0, 1]
+    opt = torch.optim.SGD(q.parameters(), lr=0.05)
+    x = torch.rand(4096)
+    with torch.no_grad():
+        start = float((q(x) - x).square().mean())
+    for _ in range(50):
+        opt.zero_grad()
+        (q(x) - x).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        assert float((q(x) - x).square().mean()) < 0.5 * start
+    assert float(q.scale.detach()) > 0.2 / 255
+
+
+def test_ema_scale_follows_training_batches_but_not_eval():
+    q = FakeQuantizer(_scheme("ema", averaging_constant=0.5), "ema")
+    q.set_range(torch.tensor(0.0), torch.tensor(1.0))
+    q.eval()
+    q(torch.full((8,), 3.0))
+    assert float(q.range_hi) == 1.0  # eval: fixed
+    q.train()
+    q(torch.tensor([0.0, 3.0]))
+    assert float(q.range_hi) == pytest.approx(2.0)  # 1 + 0.5 * (3 - 1)
+    assert float(q.scale) == pytest.approx(2.0 / 255)
+
+
+def test_fixed_scale_does_not_move_in_training():
+    q = FakeQuantizer(_scheme("fixed"), "fixed")
+    q.set_range(torch.tensor(0.0), torch.tensor(1.0))
+    q.train()
+    q(torch.full((8,), 3.0))
+    assert float(q.scale) == pytest.approx(1.0 / 255)
+
+
+def test_weight_scale_mode_must_be_fixed():
+    with pytest.raises(qatkit.RecipeError, match="weight.scale_mode"):
+        qatkit.load_recipe({"base": "onnxruntime", "weight": {"scale_mode": "learned"}})
+
+
+def test_learned_activations_export_and_verify(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(4, 2, 1))
+    x = torch.rand(1, 3, 8, 8)
+    qatkit.quantize(net, {"base": "onnxruntime", "activation": {"scale_mode": "learned"}}, (x,))
+    qatkit.calibrate(net, [torch.rand(2, 3, 8, 8)], method="max")
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.rand(2, 3, 8, 8)).square().mean().backward()
+        opt.step()
+    path = qatkit.export_onnx(net, (x,), tmp_path / "lsq.onnx")
+    assert qatkit.verify(net, path, [torch.rand(2, 3, 8, 8)]).within_one_step >= 0.999

@@ -48,7 +48,7 @@ def model_rows(model: nn.Module) -> list[Row]:
     for key, q in state.quantizers.items():
         flags = ("calibrated" if q.is_calibrated else "NOT CALIBRATED") + ("" if bool(q.fake_quant_enabled)
                                                                           else ", fake-quant off")
-        rows.append(Row(q.name, q.scheme.describe(), _fmt(q.scale.numpy()), _fmt(q.zero_point.numpy()),
+        rows.append(Row(q.name, q.scheme.describe(), _fmt(q.scale.detach().numpy()), _fmt(q.zero_point.numpy()),
                         uses[key], flags))
     return rows
 

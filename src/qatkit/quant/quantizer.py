@@ -6,6 +6,8 @@ by the same torch op, so the ONNX graph holds exactly the integers the trained m
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -88,8 +90,13 @@ class FakeQuantizer(nn.Module):
         shape = (channels,) if scheme.per_channel and channels else ()
         if scheme.per_channel and not channels:
             raise ValueError(f"quantizer {name!r}: per-channel scheme needs the channel count")
-        self.register_buffer("scale", torch.ones(shape))
+        if scheme.scale_mode == "learned" and not dynamic:
+            self.scale = nn.Parameter(torch.ones(shape))  # LSQ: trained with the weights
+        else:
+            self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("range_lo", torch.zeros(shape))  # the range behind scale/zero point (EMA state)
+        self.register_buffer("range_hi", torch.zeros(shape))
         self.register_buffer("calibrated", torch.tensor(dynamic))
         self.register_buffer("fake_quant_enabled", torch.tensor(True))
         self.observer_enabled = False
@@ -124,12 +131,22 @@ class FakeQuantizer(nn.Module):
         self.observer_enabled = False
         self.calibrator = None
 
+    @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         s = self.scheme
         scale, zp = range_to_qparams(lo, hi, s.qmin, s.qmax, s.symmetric)
         self.scale.copy_(scale.reshape(self.scale.shape).float())
         self.zero_point.copy_(zp.reshape(self.zero_point.shape).int())
+        self.range_lo.copy_(torch.as_tensor(lo).reshape(self.range_lo.shape))
+        self.range_hi.copy_(torch.as_tensor(hi).reshape(self.range_hi.shape))
         self.calibrated.fill_(1)
+
+    @torch.no_grad()
+    def _ema_update(self, x: torch.Tensor) -> None:
+        """Moving-average min/max of training batches (PyTorch's MovingAverageMinMaxObserver rule)."""
+        c = self.scheme.averaging_constant
+        lo, hi = torch.aminmax(x.detach().float())
+        self.set_range(self.range_lo + c * (lo - self.range_lo), self.range_hi + c * (hi - self.range_hi))
 
     @property
     def is_calibrated(self) -> bool:
@@ -155,6 +172,8 @@ class FakeQuantizer(nn.Module):
                 raise DataError(f"quantizer {self.name!r}: {e}") from e
         if self.dynamic and not exporting:
             self._update_dynamic(x)
+        elif self.training and self.scheme.scale_mode == "ema" and self.is_calibrated and not exporting:
+            self._ema_update(x)
         if not bool(self.fake_quant_enabled):
             return x
         if not self.is_calibrated:
@@ -169,7 +188,19 @@ class FakeQuantizer(nn.Module):
                 q = self.codes(x).astype(zp.dtype)
                 return export_dequant_const(q, x, self.scale, self.zero_point, axis, s.onnx_signed)
             return _QuantDequantExport.apply(x, x, sc, zp, axis, self._export_clip(sc, zp))
+        if s.scale_mode == "learned" and not self.dynamic:
+            return self._learned(x, axis)
         return fake_quantize(x, self.scale, self.zero_point, s.qmin, s.qmax, axis)
+
+    def _learned(self, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+        """LSQ: PyTorch's learnable fake-quant op, gradient scaled by 1/sqrt(N * qmax) as in the LSQ paper."""
+        s = self.scheme
+        grad_factor = 1.0 / math.sqrt(max(x[0].numel(), 1) * s.qmax)
+        scale, zp = self.scale.clamp_min(1e-8), self.zero_point.float()
+        if axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zp.reshape(1), s.qmin,
+                                                                    s.qmax, grad_factor)
+        return torch._fake_quantize_learnable_per_channel_affine(x, scale, zp, axis, s.qmin, s.qmax, grad_factor)
 
     def _export_clip(self, scale: np.ndarray, zp: np.ndarray) -> tuple[float, float] | None:
         """Real-valued clip range for grids narrower than the ONNX container (per-tensor only)."""

@@ -26,6 +26,9 @@ class QuantScheme(BaseModel):
     calibrator: CalibratorName = "max"
     percentile: float = Field(99.99, gt=50.0, le=100.0)
     averaging_constant: float = Field(0.01, gt=0.0, le=1.0)
+    # During training: "fixed" keeps the calibrated scale (seed 001), "ema" keeps updating it with a moving
+    # average of each batch's min/max (seed 000), "learned" trains it by gradient (LSQ). Eval always uses it as is.
+    scale_mode: Literal["fixed", "ema", "learned"] = "fixed"
 
     @model_validator(mode="after")
     def _per_channel_calibrator(self) -> "QuantScheme":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import RecipeError
 from ..quant.scheme import QuantScheme
@@ -40,6 +40,15 @@ class Recipe(BaseModel):
     quantize_model_input: bool = True
     skip: list[str] = []  # module-name regexes kept float (shorthand for rules with skip: true)
     rules: list[Rule] = []  # per-layer overrides, see qatkit.recipes.rules for matching and priority
+
+
+    @model_validator(mode="after")
+    def _weights_track_their_tensor(self) -> "Recipe":
+        if self.weight.scale_mode != "fixed" or any((r.weight or {}).get("scale_mode", "fixed") != "fixed"
+                                                    for r in self.rules):
+            raise ValueError("weight.scale_mode must be 'fixed': weight scales follow the current weights at every "
+                             "step (per-channel max); scale_mode 'ema'/'learned' applies to activations")
+        return self
 
 
 def builtin_recipes() -> list[str]:
