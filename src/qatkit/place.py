@@ -191,7 +191,9 @@ class _Placer:
         elif kind in ("silu", "relu") or kind in NEW_SCALE:
             if first not in self.relu_fused:
                 self.quantize_missing_inputs(node)
-            if kind == "silu":
+            if kind == "silu" and self.r.silu_to_relu:
+                self.site(node).relu = True  # only functional F.silu is left: modules were swapped
+            elif kind == "silu":
                 self.site(node).sigmoid = self.new_act(node, f"{node.key}/sigmoid")
             self.add_output(node)
             if kind == "cat" and self.r.share_concat_scales and (node.key, 0) in self.edge_q:  # ORT's QLinearConcat then copies, no requantize

@@ -38,6 +38,20 @@ def capture(model: nn.Module, example_inputs) -> Graph:
     return state.recorder.graph
 
 
+def silu_to_relu(model: nn.Module) -> int:
+    """Replace every ``nn.SiLU`` submodule by ``nn.ReLU`` (same names, no parameters, so state_dict keys stay).
+
+    Functional ``F.silu`` calls are switched at run time by the placement (site ``relu``). Returns the count.
+    """
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, nn.SiLU):
+                setattr(parent, name, nn.ReLU())
+                count += 1
+    return count
+
+
 def quantization_state(model: nn.Module) -> QuantState:
     state = getattr(model, "_qatkit", None)
     if not isinstance(state, QuantState):
@@ -57,6 +71,8 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     if example_inputs is None:
         raise QatkitError("quantize() needs example_inputs, e.g. (torch.rand(1, 3, 640, 640),), to capture the graph")
     recipe = load_recipe(recipe)
+    if recipe.silu_to_relu:
+        silu_to_relu(model)
     graph = capture(model, example_inputs)
     placement = place(graph, recipe, model)
     shapes = [list(t.shape) for t in _as_tuple(example_inputs) if isinstance(t, torch.Tensor)]

@@ -36,6 +36,7 @@ class Site:
     fold_bn: str | None = None  # BatchNorm module folded into this conv
     identity: bool = False  # a BatchNorm folded away: returns its input
     sigmoid: str | None = None  # SiLU computed as x * q(sigmoid(x))
+    relu: bool = False  # a functional SiLU computed as ReLU (recipe silu_to_relu)
 
 
 class _Mode(TorchFunctionMode):
@@ -164,7 +165,12 @@ class QuantState(nn.Module):
             out = func(*args, **kwargs)
         else:
             args, kwargs = self._quantize_inputs(site, (args, kwargs))
-            out = self._silu(site, args[0]) if site.sigmoid is not None else func(*args, **kwargs)
+            if site.relu:
+                out = torch.relu(args[0])
+            elif site.sigmoid is not None:
+                out = self._silu(site, args[0])
+            else:
+                out = func(*args, **kwargs)
             out = self._quantize_output(site, out)
         if self.recorder is not None:
             self.recorder.function(key, func, args, kwargs, out)

@@ -37,6 +37,7 @@ class Recipe(BaseModel):
     placement: Literal["all_activations", "compute_inputs"]
     keep_output_convs_float: bool = False
     share_concat_scales: bool = False  # all_activations: a concat's inputs and output use one quantizer
+    silu_to_relu: bool = False  # seed 002: NPUs without SiLU; nn.SiLU modules and F.silu calls become ReLU
     quantize_model_input: bool = True
     skip: list[str] = []  # module-name regexes kept float (shorthand for rules with skip: true)
     rules: list[Rule] = []  # per-layer overrides, see qatkit.recipes.rules for matching and priority
