@@ -80,7 +80,8 @@ def main() -> int:
         "| int8 model | ORT int8 mAP | int8 ms | fp32_ms / int8_ms |", "|---|---|---|---|",
     ]
     lines += [f"| {name} | {m:.4f} | {ms:.2f} | {fp32_ms / ms:.2f}x |" for name, m, ms in rows]
-    lines += ["", f"qatkit demo summary: `{json.dumps({k: summary[k] for k in ('ptq_map', 'qat_map', 'within_one_step')})}`",
+    brief = {k: summary[k] for k in ("ptq_map", "qat_map", "within_one_step")}
+    lines += ["", f"qatkit demo summary: `{json.dumps(brief)}`",
               "", f"Total benchmark time {time.time() - start:.0f} s."]
     Path(args.doc).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

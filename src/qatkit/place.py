@@ -9,6 +9,9 @@ Two placement policies, chosen by the recipe:
   grid ``s_in * s_w``. Every node then reads DQ and writes Q, which ORT fuses into QLinear* kernels.
 * ``compute_inputs`` (TensorRT): only conv/linear inputs and weights, one quantizer per tensor shared by all the
   conv/linear layers that read it; BatchNorm folded; output convs float if the recipe says so.
+
+With ``share_concat_scales`` a concat's inputs and output become one quantizer (union-find over quantizer keys,
+merged after placement). Per-layer rules (``qatkit.recipes.rules``) decide skip, float outputs and the schemes.
 """
 from __future__ import annotations
 
@@ -196,7 +199,8 @@ class _Placer:
             elif kind == "silu":
                 self.site(node).sigmoid = self.new_act(node, f"{node.key}/sigmoid")
             self.add_output(node)
-            if kind == "cat" and self.r.share_concat_scales and (node.key, 0) in self.edge_q:  # ORT's QLinearConcat then copies, no requantize
+            if kind == "cat" and self.r.share_concat_scales and (node.key, 0) in self.edge_q:
+                # one scale in and out: ORT's QLinearConcat then copies instead of requantizing
                 self.share([self.edge_q[(node.key, 0)]] + [self.edge_q[e] for e in node.inputs if e in self.edge_q])
         elif kind == "shape" and first in self.edge_q:
             self.set_output(node, self.edge_q[first])

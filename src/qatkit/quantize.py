@@ -67,7 +67,9 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     The quantizers start uncalibrated; run :func:`qatkit.calibrate` before using the model.
     """
     if isinstance(getattr(model, "_qatkit", None), QuantState):
-        raise QatkitError("model is already quantized by qatkit; quantize the float model (or qatkit.load a checkpoint)")
+        raise QatkitError(
+            "model is already quantized by qatkit; quantize the float model (or qatkit.load a checkpoint)"
+        )
     if example_inputs is None:
         raise QatkitError("quantize() needs example_inputs, e.g. (torch.rand(1, 3, 640, 640),), to capture the graph")
     recipe = load_recipe(recipe)
