@@ -85,7 +85,8 @@ class _Placer:
 
     def add_output(self, node: Node) -> None:
         """A new quantizer on ``node``'s output, unless a rule says its output stays float."""
-        if self.rule(node).quantize_output:
+        float_output = not self.r.quantize_model_outputs and self.is_model_output(node)
+        if self.rule(node).quantize_output and not float_output:
             self.set_output(node, self.new_act(node, f"{node.key}/output"))
 
     def only_consumer(self, node: Node) -> Node | None:

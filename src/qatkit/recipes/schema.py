@@ -39,6 +39,7 @@ class Recipe(BaseModel):
     share_concat_scales: bool = False  # all_activations: a concat's inputs and output use one quantizer
     silu_to_relu: bool = False  # seed 002: NPUs without SiLU; nn.SiLU modules and F.silu calls become ReLU
     quantize_model_input: bool = True
+    quantize_model_outputs: bool = True  # False: the layers producing model outputs compute them in high precision
     skip: list[str] = []  # module-name regexes kept float (shorthand for rules with skip: true)
     rules: list[Rule] = []  # per-layer overrides, see qatkit.recipes.rules for matching and priority
 
