@@ -14,7 +14,7 @@ from torch import nn
 from .errors import DataError, NotCalibratedError, RecipeError
 from .progress import progress_bar
 from .quant.calibrators import CALIBRATORS
-from .quantize import _as_tuple, quantization_state
+from .quantize import as_inputs, quantization_state
 
 
 @dataclass
@@ -53,7 +53,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
             for batch in progress_bar(batches, "calibrate", quiet):
                 if max_batches is not None and n >= max_batches:
                     break
-                inputs = _as_tuple(batch)
+                inputs = as_inputs(batch)
                 check_finite(inputs, f"calibration batch {n}")
                 model(*inputs)
                 n += 1

@@ -15,7 +15,8 @@ from torch import nn
 
 from .calibrate import uncalibrated
 from .errors import NotCalibratedError
-from .quantize import _as_tuple
+from .capture import tensors_of
+from .quantize import as_inputs
 
 OPSET = 17
 
@@ -32,12 +33,12 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
             )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = _as_tuple(example_inputs)
+    args = as_inputs(example_inputs)
     input_names = [f"input{i}" if i else "images" for i in range(len(args))]
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        n_out = len(_flat(model(*args)))
+        n_out = len(tensors_of(model(*args)))
     output_names = [f"output{i}" for i in range(n_out)]
     axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -53,8 +54,3 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
         model.train(was_training)
     return path
 
-
-def _flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in _flat(o)] if isinstance(out, (list, tuple)) else []

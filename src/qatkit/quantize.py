@@ -14,7 +14,8 @@ from .recipes import Recipe, load_recipe, recipe_to_dict
 from .runtime import QuantState
 
 
-def _as_tuple(example_inputs) -> tuple:
+def as_inputs(example_inputs) -> tuple:
+    """A tensor or a sequence of inputs as the positional-argument tuple for ``model(*inputs)``."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, Sequence):
@@ -31,7 +32,7 @@ def capture(model: nn.Module, example_inputs) -> Graph:
     try:
         model.eval()
         with torch.no_grad():
-            model(*_as_tuple(example_inputs))
+            model(*as_inputs(example_inputs))
     finally:
         state.detach()
         model.train(was_training)
@@ -77,7 +78,7 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
         silu_to_relu(model)
     graph = capture(model, example_inputs)
     placement = place(graph, recipe, model)
-    shapes = [list(t.shape) for t in _as_tuple(example_inputs) if isinstance(t, torch.Tensor)]
+    shapes = [list(t.shape) for t in as_inputs(example_inputs) if isinstance(t, torch.Tensor)]
     state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe), placement.outputs, shapes)
     model.add_module("_qatkit", state)
     state.attach(model)

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from .calibrate import check_finite
+from .capture import tensors_of
 from .errors import DataError, QatkitError
 from .onnx_runtime import predictor, session
 from .quant.quantizer import FakeQuantizer
-from .quantize import _as_tuple, quantization_state
+from .quantize import as_inputs, quantization_state
 
 STEP_TOLERANCE = 1e-4  # relative slack on "one step" for float rounding in the comparison itself
 
@@ -123,7 +124,7 @@ def _output_steps(model: nn.Module, outs: list[list[torch.Tensor]]) -> list[floa
 
 
 def _as_list(out) -> list[torch.Tensor]:
-    return [out.float()] if isinstance(out, torch.Tensor) else [o.float() for o in out]
+    return [t.float() for t in tensors_of(out)]
 
 
 @torch.no_grad()
@@ -156,7 +157,7 @@ def _verify(model: nn.Module, onnx_path: Path, batches: Iterable, tmp: Path, thr
     tally, per_layer = _Tally(), {}
     identical = True
     for n, batch in enumerate(batches):
-        inputs = _as_tuple(batch)
+        inputs = as_inputs(batch)
         check_finite(inputs, f"verify batch {n}")
         feed = {k: t.cpu().numpy() for k, t in zip(names, inputs)}
         ort_out = [torch.from_numpy(o) for o in plain.run(None, feed)]

@@ -22,9 +22,11 @@ def _onnx_const(g, values: np.ndarray):
     return g.op("Constant", value_t=torch.from_numpy(np.array(values, copy=True)))  # keeps 0-d scalars 0-d
 
 
-def _qparams_np(scale: torch.Tensor, zero_point: torch.Tensor, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    zp_dtype = np.int8 if signed else np.uint8
-    return scale.detach().cpu().float().numpy(), zero_point.detach().cpu().numpy().astype(zp_dtype)
+def _qparams_np(scale: torch.Tensor, zero_point: torch.Tensor | None,
+                signed: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (float32) and zero point (int8/uint8, or None) as the numpy constants written into the graph."""
+    zp = None if zero_point is None else zero_point.detach().cpu().numpy().astype(np.int8 if signed else np.uint8)
+    return scale.detach().cpu().float().numpy(), zp
 
 
 class _QuantDequantExport(torch.autograd.Function):
@@ -66,12 +68,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis % x.ndim, qmin, qmax)
 
 
-def export_dequant_const(q_int: np.ndarray, y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                         axis: int | None, signed: bool = True) -> torch.Tensor:
+def export_dequant_const(q_int: np.ndarray, y: torch.Tensor, scale: np.ndarray, zero_point: np.ndarray | None,
+                         axis: int | None) -> torch.Tensor:
     """During export: an integer constant ``q_int`` followed by DequantizeLinear, numerically ``y``."""
-    s = scale.detach().cpu().float().numpy()
-    z = None if zero_point is None else zero_point.detach().cpu().numpy().astype(np.int8 if signed else np.uint8)
-    return _DequantConstExport.apply(torch.from_numpy(q_int), y, s, z, axis if s.ndim else None)
+    return _DequantConstExport.apply(torch.from_numpy(q_int), y, scale, zero_point, axis if scale.ndim else None)
 
 
 class FakeQuantizer(nn.Module):
@@ -186,7 +186,7 @@ class FakeQuantizer(nn.Module):
             sc, zp = _qparams_np(self.scale, self.zero_point, s.onnx_signed)
             if self.dynamic:  # a constant (weight): store its integer codes, emit DequantizeLinear only
                 q = self.codes(x).astype(zp.dtype)
-                return export_dequant_const(q, x, self.scale, self.zero_point, axis, s.onnx_signed)
+                return export_dequant_const(q, x, sc, zp, axis)
             return _QuantDequantExport.apply(x, x, sc, zp, axis, self._export_clip(sc, zp))
         if s.scale_mode == "learned" and not self.dynamic:
             return self._learned(x, axis)
@@ -248,5 +248,5 @@ def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = torch.clamp(torch.round(bias / scale), -_INT32_F32_MAX, _INT32_F32_MAX)
     y = bias + (q * scale - bias).detach()  # straight-through
     if torch.onnx.is_in_onnx_export():
-        return export_dequant_const(q.detach().cpu().numpy().astype(np.int32), y, scale, None, 0)
+        return export_dequant_const(q.detach().cpu().numpy().astype(np.int32), y, _qparams_np(scale, None)[0], None, 0)
     return y
