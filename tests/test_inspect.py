@@ -57,9 +57,15 @@ def test_lint_sees_concat_scales_when_sharing_is_off(tmp_path):
 
 def test_tensorrt_graph_reports_its_float_output_conv(tmp_path):
     _, path = exported(tmp_path, "tensorrt")
-    # the recipe keeps the output conv float on purpose; the lint still counts it, so --strict fails
-    assert ins.lint_onnx(path) == {"conv/linear inputs not quantized": 1}
-    assert cli.main(["inspect", str(path), "--strict"]) == 1
+    # the recipe keeps the output conv float on purpose (export metadata says so): reported, not a problem
+    assert ins.lint_onnx(path) == {ins.KEPT_FLOAT: 1}
+    assert cli.main(["inspect", str(path), "--strict"]) == 0
+    # the same graph without qatkit's metadata (any other tool's file): a float conv input is a problem
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "foreign.onnx"))
+    assert ins.lint_onnx(tmp_path / "foreign.onnx") == {"conv/linear inputs not quantized": 1}
+    assert cli.main(["inspect", str(tmp_path / "foreign.onnx"), "--strict"]) == 1
 
 
 def test_model_table_and_lint(tmp_path):

@@ -6,6 +6,7 @@ exporter does not handle fake-quant ops reliably yet (pytorch#167063); torch is 
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
             warnings.simplefilter("ignore")
             torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+        state = getattr(model, "_qatkit", None)
+        if state is not None:
+            _add_metadata(tmp, {"qatkit.recipe": state.recipe.get("name", "custom"),
+                                "qatkit.float_layers": json.dumps(state.float_layers)})
         onnx.checker.check_model(str(tmp))
         tmp.replace(path)
     finally:
@@ -54,3 +59,11 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
         model.train(was_training)
     return path
 
+
+def _add_metadata(path: Path, props: dict[str, str]) -> None:
+    """What ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes."""
+    model = onnx.load(str(path))
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))

@@ -79,7 +79,8 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     graph = capture(model, example_inputs)
     placement = place(graph, recipe, model)
     shapes = [list(t.shape) for t in as_inputs(example_inputs) if isinstance(t, torch.Tensor)]
-    state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe), placement.outputs, shapes)
+    state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe), placement.outputs, shapes,
+                       placement.float_layers)
     model.add_module("_qatkit", state)
     state.attach(model)
     return model

@@ -39,6 +39,17 @@ class Site:
     relu: bool = False  # a functional SiLU computed as ReLU (recipe silu_to_relu)
 
 
+def _reads_float(args, kwargs) -> bool:
+    """Whether an op call has a floating-point tensor among its (top-level or listed) arguments."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                return True
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in a):
+            return True
+    return False
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, state: "QuantState") -> None:
         super().__init__()
@@ -53,8 +64,9 @@ class QuantState(nn.Module):
 
     def __init__(self, sites: dict[str, Site] | None = None, quantizers: dict[str, FakeQuantizer] | None = None,
                  recipe: dict | None = None, outputs: list[str | None] | None = None,
-                 example_shapes: list[list[int]] | None = None) -> None:
+                 example_shapes: list[list[int]] | None = None, float_layers: list[str] | None = None) -> None:
         super().__init__()
+        self.float_layers = float_layers or []  # conv/linear layers the recipe keeps float (lint, export metadata)
         self.outputs = outputs or []  # quantizer key per model output, None where the output is float
         self.example_shapes = example_shapes or []
         self.quantizers = nn.ModuleDict({k.replace(".", ":"): q for k, q in (quantizers or {}).items()})
@@ -159,13 +171,19 @@ class QuantState(nn.Module):
         if frame.leaf:
             site = self.sites.get(frame.key)
             return func(*args, **kwargs) if site is None else self._inner(site, func, args, kwargs)
+        if not _reads_float(args, kwargs):
+            # integer/shape arithmetic: under torch.jit tracing (ONNX export) ``H * W`` of sizes becomes a tensor op;
+            # counting it would shift the keys of the model's real ops
+            return func(*args, **kwargs)
         key = self.tracker.op_key(func)
         site = self.sites.get(key)
         if site is None:
             out = func(*args, **kwargs)
         else:
             args, kwargs = self._quantize_inputs(site, (args, kwargs))
-            if site.relu:
+            if site.identity:  # a functional batch_norm folded into the conv before it
+                out = args[0]
+            elif site.relu:
                 out = torch.relu(args[0])
             elif site.sigmoid is not None:
                 out = self._silu(site, args[0])

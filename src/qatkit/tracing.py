@@ -37,7 +37,8 @@ _FUNC_KINDS = {
     "view": "shape", "reshape": "shape", "flatten": "shape", "permute": "shape", "transpose": "shape",
     "chunk": "shape", "split": "shape", "__getitem__": "shape", "contiguous": "shape", "squeeze": "shape",
     "unsqueeze": "shape", "unbind": "shape", "pixel_shuffle": "shape",
-    "conv2d": "conv", "linear": "linear",
+    "conv2d": "conv", "linear": "linear", "batch_norm": "bn",
+    "matmul": "matmul", "__matmul__": "matmul", "__rmatmul__": "matmul", "bmm": "matmul",
 }
 
 
@@ -82,7 +83,8 @@ def func_kind(func, kwargs: dict | None) -> str:
 
 
 def is_leaf(module: nn.Module) -> bool:
-    return isinstance(module, LEAF_TYPES)
+    """Known layer types are leaves, unless they hold submodules (timm's BatchNormAct2d: BN + its activation)."""
+    return isinstance(module, LEAF_TYPES) and not module._modules
 
 
 @dataclass

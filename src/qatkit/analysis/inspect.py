@@ -6,6 +6,7 @@ and output on different scales, QuantizeLinear without DequantizeLinear, quantiz
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ from torch import nn
 from ..quantize import quantization_state
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# op types that move values without changing them: a tensor and these ops' outputs carry one scale
+PASSTHROUGH_OPS = ("MaxPool", "Resize", "Reshape", "Flatten", "Slice", "Split", "Squeeze", "Unsqueeze", "Transpose",
+                   "Identity", "Gather")
+KEPT_FLOAT = "conv/linear kept float by the recipe"  # reported, not a problem
 
 
 @dataclass
@@ -63,6 +68,7 @@ def lint_model(model: nn.Module) -> dict[str, int]:
             counts["conv/linear inputs not quantized"] += 1
     counts["output quantizers where the recipe keeps outputs float"] = (
         sum(k is not None for k in state.outputs) if recipe.get("keep_output_convs_float") else 0)
+    counts[KEPT_FLOAT] = len(state.float_layers)
     return {k: v for k, v in counts.items() if v}
 
 
@@ -107,15 +113,45 @@ def onnx_rows(path: str | Path) -> list[Row]:
     return rows
 
 
+def _scales(g: _Graph, tensor: str) -> set:
+    """Quantization parameters a tensor carries: its DQ producer's and its Q consumers', through passthrough ops.
+
+    This is what TensorRT sees after moving Q/DQ across max-pool/resize/reshape: two different sets meeting at a
+    concat mean a reformat layer.
+    """
+    found, todo, seen = set(), [tensor], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        prod = g.producer.get(t)
+        if prod is not None and prod.op_type == "DequantizeLinear":
+            found.add(g.node_qparams(prod))
+        elif prod is not None and prod.op_type in PASSTHROUGH_OPS:
+            todo.append(prod.input[0])
+        for c in g.consumers.get(t, []):
+            if c.op_type == "QuantizeLinear":
+                found.add(g.node_qparams(c))
+            elif c.op_type in PASSTHROUGH_OPS and c.input[0] == t:
+                todo.extend(c.output)
+    return found - {None}
+
+
 def lint_onnx(path: str | Path) -> dict[str, int]:
-    g = _Graph(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    g = _Graph(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    kept_float = len(json.loads(meta.get("qatkit.float_layers", "[]")))
     counts = Counter()
     for n in g.nodes:
         if n.op_type in COMPUTE_OPS and g.qparams(n.input[0]) is None:
             counts["conv/linear inputs not quantized"] += 1
         elif n.op_type == "Concat":
-            scales = {g.qparams(i) for i in n.input}
-            if None not in scales and len(scales) > 1:
+            # a concat whose output stays float (e.g. in a float head decode) just reads dequantized inputs
+            out = _scales(g, n.output[0])
+            scales = out.union(*(_scales(g, t) for t in n.input))
+            if out and len(scales) > 1:
                 counts["concat inputs with different scales"] += 1
         elif n.op_type == "MaxPool":
             out = [c for c in g.consumers.get(n.output[0], []) if c.op_type == "QuantizeLinear"]
@@ -125,7 +161,11 @@ def lint_onnx(path: str | Path) -> dict[str, int]:
         elif n.op_type == "QuantizeLinear":
             if not any(c.op_type == "DequantizeLinear" for c in g.consumers.get(n.output[0], [])):
                 counts["QuantizeLinear without DequantizeLinear"] += 1
-    return dict(counts)
+    # layers the exporting recipe keeps float (export metadata) are reported apart, not as problems
+    float_inputs = counts.pop("conv/linear inputs not quantized", 0)
+    counts[KEPT_FLOAT] = min(float_inputs, kept_float)
+    counts["conv/linear inputs not quantized"] = float_inputs - counts[KEPT_FLOAT]
+    return {k: v for k, v in counts.items() if v}
 
 
 def format_report(rows: list[Row], lint: dict[str, int]) -> str:
@@ -139,4 +179,4 @@ def format_report(rows: list[Row], lint: dict[str, int]) -> str:
 
 
 def problems(lint: dict[str, int]) -> int:
-    return sum(lint.values())
+    return sum(v for k, v in lint.items() if k != KEPT_FLOAT)

@@ -6,6 +6,11 @@ in full against a layer's module path or any of its parents), or ``module_name``
 Priority, lowest first, as in PyTorch's qconfig mapping and seed 001: the recipe's global settings <
 ``object_type`` < ``module_name_regex`` < ``module_name``; among ``module_name`` rules the deeper module wins, and
 otherwise a later rule wins over an earlier one.
+
+``skip`` and the schemes apply to every layer a rule names (a module's whole subtree). ``quantize_input`` and
+``quantize_output`` apply at the named module's boundary, as seed 001's per-stage configs do: ``quantize_input``
+quantizes the tensors entering the module from outside, ``quantize_output: false`` leaves the tensors leaving it
+(to the rest of the model or as model outputs) float. For a single layer the boundary is its own input/output.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ class Rule(BaseModel):
     module_name_regex: str | None = None
     module_name: str | None = None
     skip: bool | None = None  # keep these layers float
-    quantize_output: bool | None = None  # False: these layers' outputs are not quantized
+    quantize_input: bool | None = None  # True: tensors entering the module are quantized at its boundary
+    quantize_output: bool | None = None  # False: tensors leaving the module stay float
     activation: dict | None = None
     weight: dict | None = None
 
@@ -62,7 +68,6 @@ class Resolved:
     """The settings that apply to one layer after all matching rules."""
 
     skip: bool
-    quantize_output: bool
     activation: QuantScheme
     weight: QuantScheme
 
@@ -72,24 +77,41 @@ def _prefixes(path: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def matches(rule: Rule, path: str, types: list[str]) -> bool:
-    """``path``: the layer's module path; ``types``: class names of it and its parents, plus a functional op kind."""
+def matches(rule: Rule, path: str, types: list[str], exact: bool = False) -> bool:
+    """``path``: the layer's module path; ``types``: class names of it and its parents, plus a functional op kind.
+
+    ``exact``: the rule must name this module itself (``types`` then holds only its own class/op names), not a
+    parent: used for the boundary settings.
+    """
     if rule.object_type is not None:
         return rule.object_type in types
     if rule.module_name_regex is not None:
-        return any(re.fullmatch(rule.module_name_regex, p) for p in _prefixes(path))
-    return path == rule.module_name or path.startswith(rule.module_name + ".")
+        return any(re.fullmatch(rule.module_name_regex, p) for p in ([path] if exact else _prefixes(path)))
+    return path == rule.module_name or (not exact and path.startswith(rule.module_name + "."))
+
+
+def _ordered(rules: list[Rule], path: str, types: list[str], exact: bool = False) -> list[Rule]:
+    order = {k: i for i, k in enumerate(KINDS)}
+    hits = [(order[r.kind], len(r.module_name or ""), i, r) for i, r in enumerate(rules)
+            if matches(r, path, types, exact)]
+    return [h[-1] for h in sorted(hits, key=lambda h: h[:3])]
+
+
+def boundary(rules: list[Rule], path: str, types: list[str]) -> tuple[bool, bool]:
+    """(quantize_input, quantize_output) at the boundary of the module ``path`` (rules naming it exactly)."""
+    quantize_input, quantize_output = False, True
+    for r in _ordered(rules, path, types, exact=True):
+        quantize_input = r.quantize_input if r.quantize_input is not None else quantize_input
+        quantize_output = r.quantize_output if r.quantize_output is not None else quantize_output
+    return quantize_input, quantize_output
 
 
 def resolve(rules: list[Rule], activation: QuantScheme, weight: QuantScheme, path: str,
             types: list[str]) -> Resolved:
-    order = {k: i for i, k in enumerate(KINDS)}
-    hits = [(order[r.kind], len(r.module_name or ""), i, r) for i, r in enumerate(rules) if matches(r, path, types)]
-    skip, quantize_output = False, True
+    skip = False
     act, wt = activation.model_dump(), weight.model_dump()
-    for *_, r in sorted(hits, key=lambda h: h[:3]):
+    for r in _ordered(rules, path, types):
         skip = r.skip if r.skip is not None else skip
-        quantize_output = r.quantize_output if r.quantize_output is not None else quantize_output
         act.update(r.activation or {})
         wt.update(r.weight or {})
-    return Resolved(skip, quantize_output, QuantScheme.model_validate(act), QuantScheme.model_validate(wt))
+    return Resolved(skip, QuantScheme.model_validate(act), QuantScheme.model_validate(wt))

@@ -35,7 +35,10 @@ class Recipe(BaseModel):
     activation: QuantScheme
     weight: QuantScheme
     placement: Literal["all_activations", "compute_inputs"]
-    keep_output_convs_float: bool = False
+    keep_output_convs_float: bool = False  # the last trainable conv/linear layers (the head's outputs) stay float
+    # ops after the last trainable layer (YOLO's DFL, anchors, box decode, post-processing) stay float: seeds 000/002
+    # dequantize before the detection decode; box coordinates in 8 bits would cost accuracy and speed nothing
+    keep_head_decode_float: bool = True
     share_concat_scales: bool = False  # all_activations: a concat's inputs and output use one quantizer
     silu_to_relu: bool = False  # seed 002: NPUs without SiLU; nn.SiLU modules and F.silu calls become ReLU
     quantize_model_input: bool = True
