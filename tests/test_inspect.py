@@ -68,6 +68,19 @@ def test_tensorrt_graph_reports_its_float_output_conv(tmp_path):
     assert cli.main(["inspect", str(tmp_path / "foreign.onnx"), "--strict"]) == 1
 
 
+def test_tensorrt_concat_inputs_share_one_scale_and_the_lint_sees_it(tmp_path):
+    def lint(share: bool) -> dict[str, int]:
+        torch.manual_seed(0)
+        net = Net().eval()  # the output conv int8 too, so the concat feeds a Q
+        recipe = {"base": "tensorrt", "keep_output_convs_float": False, "share_concat_scales": share}
+        qatkit.quantize(net, recipe, (torch.rand(1, 3, 16, 16),))
+        qatkit.calibrate(net, [torch.rand(2, 3, 16, 16)], method="max")
+        return ins.lint_onnx(qatkit.export_onnx(net, (torch.rand(1, 3, 16, 16),), tmp_path / f"{share}.onnx"))
+
+    assert lint(True) == {}
+    assert lint(False) == {"concat inputs with different scales": 1}
+
+
 def test_model_table_and_lint(tmp_path):
     torch.manual_seed(0)
     net = Net().eval()

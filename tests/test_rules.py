@@ -121,3 +121,40 @@ def test_w4_weights_and_6_bit_activations_round_trip_in_ort(tmp_path):
 def test_bad_rules_name_the_problem(rule, message):
     with pytest.raises(qatkit.RecipeError, match=message):
         qatkit.load_recipe({"base": "tensorrt", "rules": [rule]})
+
+
+def test_quantize_output_false_on_a_block_leaves_only_its_boundary_float():
+    net = quantized({"base": "onnxruntime", "rules": [{"module_name": "b1", "quantize_output": False}]})
+    names = {q.name for q in qatkit.quantization_state(net).quantizers.values()}
+    assert "b1.conv/output" in names  # inside the block: still quantized
+    assert "b1.act/output" not in names and "b2.act/output" in names  # what leaves b1 is float
+    assert "/add#0/input0" in names  # ...so the add that reads it quantizes its own input
+
+
+class UpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2.0), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.up(self.stem(x)))
+
+
+def test_quantize_input_adds_qdq_at_a_module_boundary_under_tensorrt(tmp_path):
+    def build(rules):
+        torch.manual_seed(0)
+        return qatkit.quantize(UpNet().eval(), {"base": "tensorrt", "keep_output_convs_float": False,
+                                                "rules": rules}, (X,))
+
+    assert "up.0" not in qatkit.quantization_state(build([])).sites  # TensorRT placement: conv inputs only
+    net = build([{"module_name": "up", "quantize_input": True}])
+    assert qatkit.quantization_state(net).sites["up.0"].inputs == {0: "stem/output0"}
+    qatkit.calibrate(net, [torch.rand(2, 3, 16, 16)], method="max")
+    path = qatkit.export_onnx(net, (X,), tmp_path / "up.onnx")
+    graph = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    resize = next(n for n in graph.node if n.op_type == "Resize")
+    assert producer[resize.input[0]] == "DequantizeLinear"  # the upsample reads int8
+    assert qatkit.verify(net, path, [torch.rand(2, 3, 16, 16)]).within_one_step >= 0.999

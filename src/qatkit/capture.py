@@ -33,9 +33,21 @@ class Node:
 class Graph:
     nodes: dict[str, Node] = field(default_factory=dict)
     outputs: list[Edge] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)  # every op/module key that ran (nodes keep only dataflow ops)
+    fallback: str | None = None  # why dataflow capture failed: the graph then lists conv/linear modules only
 
     def consumers(self, edge: Edge) -> list[tuple[Node, int]]:
         return [(n, i) for n in self.nodes.values() for i, e in enumerate(n.inputs) if e == edge]
+
+    @classmethod
+    def modules_only(cls, model: nn.Module, reason: str) -> "Graph":
+        """Module-level fallback: each conv/linear leaf as a node with unknown inputs (no dataflow)."""
+        graph = cls(fallback=reason)
+        for name, module in model.named_modules():
+            kind = module_kind(module)
+            if kind in ("conv", "linear") and name:
+                graph.nodes[name] = Node(name, kind, type(module).__name__, name, [None], 1)
+        return graph
 
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -76,6 +88,7 @@ class Recorder:
             self._alive.append(t)
 
     def module_call(self, key: str, name: str, module: nn.Module, args) -> None:
+        self.graph.seen.add(key)
         self.graph.nodes[key] = Node(key, module_kind(module), type(module).__name__, name,
                                      self._edges(tensors_of(args)))
 
@@ -84,6 +97,7 @@ class Recorder:
             self.graph.nodes[key].num_outputs = self._outputs(key, out)
 
     def function(self, key: str, func, args, kwargs, out) -> None:
+        self.graph.seen.add(key)
         outs = tensors_of(out)
         if not outs:
             return  # size(), dim(), shape...: no dataflow

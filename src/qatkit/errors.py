@@ -20,3 +20,7 @@ class CheckpointError(QatkitError, ValueError):
 
 class DataError(QatkitError, ValueError):
     """Calibration / evaluation data is empty or holds non-finite values."""
+
+
+class QatkitWarning(UserWarning):
+    """Something runs float that the recipe would quantize (capture fallback, a path not seen at capture)."""

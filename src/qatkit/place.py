@@ -73,6 +73,9 @@ class _Placer:
         If no layer requires grad (a frozen model), every conv/linear counts as trainable.
         """
         compute = [n for n in self.g.nodes.values() if n.kind in COMPUTE and n.module is not None]
+        if self.g.fallback:  # no dataflow: nothing is known to come after anything
+            self.output_layers, self.tail = set(), set()
+            return
         trainable = {n.key for n in compute
                      if any(p.requires_grad for p in self.model.get_submodule(n.module).parameters())}
         trainable = trainable or {n.key for n in compute}
@@ -137,17 +140,21 @@ class _Placer:
 
     def quantize_entries(self, node: Node) -> None:
         """Rule ``quantize_input``: tensors entering a module from outside are quantized at its boundary."""
+        values = self.r.placement == "compute_inputs"
         for i, edge in enumerate(node.inputs):
-            if edge is None or edge in self.edge_q:
-                continue
+            if edge is None or (not values and edge in self.edge_q):
+                continue  # all_activations: the producer already quantized it
             src = self.g.nodes[edge[0]]
             src_path = "" if src.kind == "input" else (src.module or src.key)
             for module, types in self._boundaries(node):
                 if self._inside(src_path, module) or not boundary(self.rules, module, types)[0]:
                     continue
-                if edge not in self.entry_q:
-                    self.entry_q[edge] = self.new_act(node, f"{module}/entry{len(self.entry_q)}")
-                self.site(node).inputs[i] = self.entry_q[edge]
+                if values:
+                    self.value_q(node, i)  # the value's one quantizer, applied at this boundary too
+                else:
+                    if edge not in self.entry_q:
+                        self.entry_q[edge] = self.new_act(node, f"{module}/entry{len(self.entry_q)}")
+                    self.site(node).inputs[i] = self.entry_q[edge]
                 break
 
     def site(self, node: Node) -> Site:
@@ -229,7 +236,7 @@ class _Placer:
     # ---------------------------------------------------------------- policies
     def run(self) -> Placement:
         inputs = [n for n in self.g.nodes.values() if n.kind == "input"]
-        if self.r.placement == "all_activations" and self.r.quantize_model_input and inputs:
+        if self.r.placement == "all_activations" and self.r.quantize_model_input and inputs and not self.g.fallback:
             root = self.out.sites.setdefault(ROOT, Site("input"))
             for i, n in enumerate(inputs):
                 q = root.inputs[i] = self.new_act(n, f"input{i}")
@@ -242,7 +249,7 @@ class _Placer:
                     self.out.float_layers.append(node.key)
                 continue
             self.quantize_entries(node)
-            if self.r.placement == "all_activations":
+            if self.r.placement == "all_activations" and not self.g.fallback:
                 self.all_activations(node)
             else:
                 self.compute_inputs(node)
@@ -251,7 +258,7 @@ class _Placer:
         self.merge_shared()
         self.out.sites = {k: s for k, s in self.out.sites.items() if s != Site(s.kind)}
         self.out.outputs = [self.edge_q.get(e) if self.r.placement == "all_activations" else None
-                            for e in self.g.outputs]
+                            for e in self.g.outputs]  # the fallback graph has no outputs
         return self.out
 
     def float_output_layer(self, node: Node) -> bool:

@@ -1,6 +1,7 @@
 """``qatkit.quantize``: capture the model, place quantizers per the recipe, attach them. No model edits."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from .capture import Graph, Recorder
-from .errors import QatkitError
+from .errors import QatkitError, QatkitWarning
 from .place import place
 from .recipes import Recipe, load_recipe, recipe_to_dict
 from .runtime import QuantState
@@ -23,20 +24,51 @@ def as_inputs(example_inputs) -> tuple:
     raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
 
 
+def _failure_site(model: nn.Module, tb) -> str:
+    """The innermost module of ``model`` (and the function) a traceback went through, for the fallback warning."""
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    where = "<root>"
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names and not isinstance(owner, QuantState):
+            where = f"{names[id(owner)]} ({type(owner).__name__}), in {tb.tb_frame.f_code.co_name}()"
+        tb = tb.tb_next
+    return where
+
+
 def capture(model: nn.Module, example_inputs) -> Graph:
-    """Run ``model`` once (eval mode, no grad) and record its dataflow graph."""
+    """Run ``model`` once (eval mode, no grad) and record its dataflow graph.
+
+    The recording is the same Python-level interception torch.export(strict=False) uses (a torch-function mode),
+    with real tensors, so data-dependent control flow simply runs. If the model cannot run under it but runs
+    plainly, capture falls back to module-level placement and warns once, naming where capture stopped.
+    """
     state = QuantState()
     state.recorder = Recorder()
     state.attach(model)
     was_training = model.training
+    inputs = as_inputs(example_inputs)
     try:
         model.eval()
         with torch.no_grad():
-            model(*as_inputs(example_inputs))
+            model(*inputs)
+        return state.recorder.graph
+    except Exception as e:  # noqa: BLE001 - any failure under recording: try the model plainly, then fall back
+        where, error = _failure_site(model, e.__traceback__), f"{type(e).__name__}: {e}"
     finally:
         state.detach()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as plain:
+        raise QatkitError(f"the model fails on example_inputs even without qatkit ({type(plain).__name__}: "
+                          f"{plain}); pass inputs its forward accepts") from plain
+    finally:
         model.train(was_training)
-    return state.recorder.graph
+    warnings.warn(f"qatkit: capture stopped in {where} ({error}); falling back to module-level placement: "
+                  "conv/linear inputs and weights get quantizers, functional ops (add, cat, ...) stay float and "
+                  "BatchNorm is not folded", QatkitWarning, stacklevel=3)
+    return Graph.modules_only(model, f"{where}: {error}")
 
 
 def silu_to_relu(model: nn.Module) -> int:
@@ -81,6 +113,8 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     shapes = [list(t.shape) for t in as_inputs(example_inputs) if isinstance(t, torch.Tensor)]
     state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe), placement.outputs, shapes,
                        placement.float_layers)
+    state.known = graph.seen
+    state.functional = graph.fallback is None
     model.add_module("_qatkit", state)
     state.attach(model)
     return model

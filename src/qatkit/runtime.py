@@ -7,6 +7,7 @@ and bias are quantized; functional ops are quantized where the mode sees them.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .capture import Recorder
+from .errors import QatkitWarning
 from .quant.quantizer import FakeQuantizer, quantize_bias
 from .tracing import CallTracker, func_name
 
@@ -73,8 +75,12 @@ class QuantState(nn.Module):
         self.sites = sites or {}
         self.recipe = recipe or {}
         self.recorder: Recorder | None = None
+        self.known: set[str] = set()  # keys seen at capture (empty: don't check)
+        self._warned = False
         self._handles: list = []
         self._mode: _Mode | None = None
+        self._active = False  # inside the root module's forward
+        self.functional = True  # False after a capture fallback: module hooks only, no torch-function mode
         self._paused = False
         self.tap: Callable[[FakeQuantizer, torch.Tensor], torch.Tensor] | None = None
 
@@ -123,11 +129,14 @@ class QuantState(nn.Module):
         if site is not None and site.inputs:
             with self.paused():
                 args = self._quantize_inputs(site, args)
-        self._mode = _Mode(self)
-        self._mode.__enter__()
+        self._active = True
+        if self.functional:
+            self._mode = _Mode(self)
+            self._mode.__enter__()
         return args
 
     def _root_post(self, module: nn.Module, args, output):
+        self._active = False
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
@@ -137,24 +146,31 @@ class QuantState(nn.Module):
         return output
 
     def _module_pre(self, module: nn.Module, args):
-        if self._mode is None:  # called outside the root's forward: plain float module
+        if not self._active:  # called outside the root's forward: plain float module
             return None
         frame = self.tracker.push(module)
         if not frame.leaf:
             return None
+        self._check_seen(frame.key)
         if self.recorder is not None:
             self.recorder.module_call(frame.key, frame.key.split("@")[0], module, args)
         site = self.sites.get(frame.key)
+        if not self.functional and site is not None and site.weight is not None:
+            self._mode = _Mode(self)  # capture fallback: the mode runs only inside this layer, for its weight
+            self._mode.__enter__()
         if site is not None and site.inputs:
             with self.paused():
                 return self._quantize_inputs(site, args)
         return None
 
     def _module_post(self, module: nn.Module, args, output):
-        if self._mode is None or not self.tracker.stack:
+        if not self._active or not self.tracker.stack:
             return output
         frame = self.tracker.pop()
         if frame.leaf:
+            if not self.functional and self._mode is not None:
+                self._mode.__exit__(None, None, None)
+                self._mode = None
             site = self.sites.get(frame.key)
             if site is not None and site.output is not None:
                 with self.paused():
@@ -176,6 +192,7 @@ class QuantState(nn.Module):
             # counting it would shift the keys of the model's real ops
             return func(*args, **kwargs)
         key = self.tracker.op_key(func)
+        self._check_seen(key)
         site = self.sites.get(key)
         if site is None:
             out = func(*args, **kwargs)
@@ -193,6 +210,14 @@ class QuantState(nn.Module):
         if self.recorder is not None:
             self.recorder.function(key, func, args, kwargs, out)
         return out
+
+    def _check_seen(self, key: str) -> None:
+        """Warn once when an op runs that capture never saw: it has no quantizer, so it runs float."""
+        if self.known and key not in self.known and not self._warned and self.recorder is None:
+            self._warned = True
+            warnings.warn(f"qatkit: '{key}' did not run when the model was captured (control flow that depends on "
+                          "the input or on train/eval mode), so it runs float; capture with example inputs that take "
+                          "this path to quantize it", QatkitWarning, stacklevel=4)
 
     def _inner(self, site: Site, func: Callable, args, kwargs):
         """The one op inside a leaf module: quantized weight/bias, folded BN, decomposed SiLU."""
