@@ -16,9 +16,11 @@ import os
 # (measured: 20x slower steps). Passive waiting costs nothing measurable alone. Only a default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .adapters import DetectorCore  # noqa: E402
 from .calibrate import CalibrationReport, calibrate, uncalibrated  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
-from .errors import CheckpointError, DataError, NotCalibratedError, QatkitError, RecipeError  # noqa: E402
+from .errors import (CheckpointError, DataError, NotCalibratedError, QatkitError, QatkitWarning,  # noqa: E402
+                     RecipeError)
 from .export import export_onnx  # noqa: E402
 from .quant.quantizer import FakeQuantizer  # noqa: E402
 from .quant.scheme import QuantScheme  # noqa: E402
@@ -31,6 +33,6 @@ __all__ = [
     "quantize", "calibrate", "export_onnx", "verify", "save", "load",
     "capture", "quantization_state", "uncalibrated",
     "Recipe", "load_recipe", "builtin_recipes", "QuantScheme", "FakeQuantizer",
-    "CalibrationReport", "VerifyReport",
-    "QatkitError", "RecipeError", "DataError", "NotCalibratedError", "CheckpointError",
+    "CalibrationReport", "VerifyReport", "DetectorCore",
+    "QatkitError", "RecipeError", "DataError", "NotCalibratedError", "CheckpointError", "QatkitWarning",
 ]
