@@ -24,14 +24,14 @@ from .errors import (CheckpointError, DataError, NotCalibratedError, QatkitError
 from .export import export_onnx  # noqa: E402
 from .quant.quantizer import FakeQuantizer  # noqa: E402
 from .quant.scheme import QuantScheme  # noqa: E402
-from .quantize import capture, quantization_state, quantize  # noqa: E402
+from .quantize import capture, freeze, quantization_state, quantize  # noqa: E402
 from .recipes import Recipe, builtin_recipes, load_recipe  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "quantize", "calibrate", "export_onnx", "verify", "save", "load",
-    "capture", "quantization_state", "uncalibrated",
+    "capture", "quantization_state", "uncalibrated", "freeze",
     "Recipe", "load_recipe", "builtin_recipes", "QuantScheme", "FakeQuantizer",
     "CalibrationReport", "VerifyReport", "DetectorCore",
     "QatkitError", "RecipeError", "DataError", "NotCalibratedError", "CheckpointError", "QatkitWarning",

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, dest="qat_steps")
     p.add_argument("--lr", type=float, dest="qat_lr")
     p.add_argument("--out", default="runs/demo/qat.pt")
+    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
+                   help="write a resumable training state (<out>.state.pt) every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
     p = sub.add_parser("export", help="export a quantized checkpoint to QDQ ONNX")
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
@@ -60,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, **extra):
     from .runconfig import load_run_config
 
-    keys = ("data", "recipe", "quiet", "method", "qat_steps", "qat_lr", "float_steps", "float_checkpoint")
+    keys = ("data", "recipe", "quiet", "method", "qat_steps", "qat_lr", "float_steps", "float_checkpoint",
+            "checkpoint_every")
     overrides = {k: getattr(args, k, None) for k in keys} | extra
     return load_run_config(args.config, **overrides)
 
@@ -100,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         stages.save_quantized(qm, args.out, "ptq")
         print(f"PTQ mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; wrote {args.out}")
     elif cmd == "qat":
-        qm = stages.qat(cfg, stages.load_quantized(args.checkpoint).train(), train)
+        state_path = Path(args.out).with_suffix(".state.pt")
+        qm = stages.qat(cfg, stages.load_quantized(args.checkpoint).train(), train, state_path=state_path,
+                        resume=args.resume)
         stages.save_quantized(qm, args.out, "qat")
         print(f"QAT mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; wrote {args.out}")
     elif cmd == "export":

@@ -198,6 +198,7 @@ class _Placer:
         if bn is not None:
             site.fold_bn = self._path(bn)
             self.site(bn).identity = True
+            self.site(bn).fold_into = node.key
 
     def quantize_missing_inputs(self, node: Node) -> None:
         """Inputs that arrive unquantized get a quantizer at this node (so the op reads int8)."""

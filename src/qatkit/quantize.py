@@ -118,3 +118,20 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     model.add_module("_qatkit", state)
     state.attach(model)
     return model
+
+
+def freeze(model: nn.Module, *, bn: bool = True, scales: bool = False) -> nn.Module:
+    """The QAT freeze schedule (call it at the step you choose; it is saved in checkpoints).
+
+    ``bn``: BatchNorm stops using batch statistics and updating running ones; every conv then trains exactly as it
+    will be deployed (weights folded with running statistics). ``scales``: activation scales stop changing (EMA
+    updates stop, learned scales stop learning); weight scales always follow the weights.
+    """
+    state = quantization_state(model)
+    if bn:
+        state.bn_frozen.fill_(True)
+    if scales:
+        for q in state.quantizers.values():
+            if not q.dynamic:
+                q.freeze_scale()
+    return model

@@ -30,6 +30,9 @@ class RunConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     qat_steps: int = Field(300, ge=0)
     qat_lr: float = Field(1e-4, gt=0)
+    freeze_bn_step: int | None = Field(None, ge=0)  # QAT step from which BN uses running statistics (None: never)
+    freeze_scales_step: int | None = Field(None, ge=0)  # QAT step from which activation scales stop changing
+    checkpoint_every: int = Field(0, ge=0)  # QAT steps between resumable training-state checkpoints
     float_steps: int = Field(3000, ge=1)
     float_lr: float = Field(2e-3, gt=0)
     seed: int = 0

@@ -36,7 +36,8 @@ class Site:
     weight: str | None = None
     bias_from: str | None = None  # input quantizer whose scale x weight scale is the int32 bias scale
     fold_bn: str | None = None  # BatchNorm module folded into this conv
-    identity: bool = False  # a BatchNorm folded away: returns its input
+    identity: bool = False  # a BatchNorm folded away: returns its input (runs for real while BN is live)
+    fold_into: str | None = None  # the conv site this BatchNorm is folded into
     sigmoid: str | None = None  # SiLU computed as x * q(sigmoid(x))
     relu: bool = False  # a functional SiLU computed as ReLU (recipe silu_to_relu)
 
@@ -80,6 +81,9 @@ class QuantState(nn.Module):
         self._handles: list = []
         self._mode: _Mode | None = None
         self._active = False  # inside the root module's forward
+        # BN folding: "live" (train mode, not frozen) simulates the fold and lets BN use and update batch
+        # statistics; frozen or eval uses running statistics, exactly the deployed conv. A buffer: saved, resumed.
+        self.register_buffer("bn_frozen", torch.tensor(False))
         self.functional = True  # False after a capture fallback: module hooks only, no torch-function mode
         self._paused = False
         self.tap: Callable[[FakeQuantizer, torch.Tensor], torch.Tensor] | None = None
@@ -172,7 +176,7 @@ class QuantState(nn.Module):
                 self._mode.__exit__(None, None, None)
                 self._mode = None
             site = self.sites.get(frame.key)
-            if site is not None and site.output is not None:
+            if site is not None:
                 with self.paused():
                     output = self._quantize_output(site, output)
             if self.recorder is not None:
@@ -198,7 +202,7 @@ class QuantState(nn.Module):
             out = func(*args, **kwargs)
         else:
             args, kwargs = self._quantize_inputs(site, (args, kwargs))
-            if site.identity:  # a functional batch_norm folded into the conv before it
+            if site.identity and not self.bn_live:  # a functional batch_norm folded into the conv before it
                 out = args[0]
             elif site.relu:
                 out = torch.relu(args[0])
@@ -222,15 +226,17 @@ class QuantState(nn.Module):
     def _inner(self, site: Site, func: Callable, args, kwargs):
         """The one op inside a leaf module: quantized weight/bias, folded BN, decomposed SiLU."""
         name = func_name(func)
-        if site.identity and name == "batch_norm":
+        if site.identity and name == "batch_norm" and not self.bn_live:
             return args[0]
         if site.sigmoid is not None and name == "silu":
             return self._silu(site, args[0])
         if site.weight is not None and name in _WEIGHT_OPS:
             args = list(args)
             bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
-            weight, bias = self._fold_bn(site, args[1], bias)
             wq = self.q(site.weight)
+            if site.fold_bn is not None and self.bn_live:
+                return self._live_fold(site, wq, func, args, kwargs, bias)
+            weight, bias = self._fold_bn(site, args[1], bias)
             args[1] = wq(weight)
             if bias is not None and site.bias_from is not None:
                 bias = quantize_bias(bias, self.q(site.bias_from).scale * wq.scale)
@@ -240,6 +246,28 @@ class QuantState(nn.Module):
                 kwargs["bias"] = bias
             return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+    @property
+    def bn_live(self) -> bool:
+        return self._root.training and not bool(self.bn_frozen)
+
+    def _live_fold(self, site: Site, wq: FakeQuantizer, func: Callable, args: list, kwargs: dict, bias):
+        """Simulated folding while BN trains (Jacob et al. 2018; PyTorch's ConvBn QAT): the weight is scaled by
+        gamma / running_std and quantized as the deployed conv will be, the scaling is divided back out, and the
+        real BatchNorm that follows normalises with batch statistics and updates its running statistics."""
+        bn = self._root.get_submodule(site.fold_bn)
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            factor = factor * bn.weight
+        shape = [1] * args[1].ndim
+        shape[0] = -1
+        args[1] = wq(args[1] * factor.reshape(shape))
+        if len(args) > 2:
+            args[2] = None
+        kwargs.pop("bias", None)
+        y = func(*args, **kwargs)
+        y = y / factor.reshape([1, -1] + [1] * (y.ndim - 2))
+        return y if bias is None else y + bias.reshape([1, -1] + [1] * (y.ndim - 2))
 
     def _fold_bn(self, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         """Fold the following BatchNorm (running statistics) into the conv, as the deployed graph does."""
@@ -269,9 +297,12 @@ class QuantState(nn.Module):
         return tree_unflatten(leaves, spec)
 
     def _quantize_output(self, site: Site, out):
-        if site.output is None:
-            return out
+        """The site's output quantizer; while BN is live, a conv's moves to the output of its BatchNorm."""
         key = site.output
+        if self.bn_live and (site.fold_bn is not None or site.fold_into is not None):
+            key = None if site.fold_bn is not None else self.sites[site.fold_into].output
+        if key is None:
+            return out
         return tree_map(lambda t: self.apply_act(key, t) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         else t, out)
 

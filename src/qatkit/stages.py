@@ -17,7 +17,7 @@ from .checkpoint import atomic_save, checkpoint_metadata, load, read_checkpoint,
 from .data import CocoDetection, collate, generate_shapes
 from .eval.detect import evaluate, torch_predictor
 from .models.detector import TinyYolo, build_detector, config_dict
-from .quantize import quantize
+from .quantize import freeze, quantize
 from .runconfig import RunConfig
 from .train.loop import TrainConfig, train_detector
 
@@ -84,12 +84,21 @@ def ptq(cfg: RunConfig, float_model: nn.Module, train: CocoDetection) -> nn.Modu
     return qm
 
 
-def qat(cfg: RunConfig, qm: nn.Module, train: CocoDetection) -> nn.Module:
+def qat(cfg: RunConfig, qm: nn.Module, train: CocoDetection, *, state_path: str | Path | None = None,
+        resume: bool = False) -> nn.Module:
+    """QAT fine-tuning with the run's freeze schedule; ``state_path`` checkpoints the run for ``resume``."""
     if cfg.qat_steps == 0:
         return qm.eval()
     tc = TrainConfig(steps=cfg.qat_steps, batch_size=cfg.batch_size, lr=cfg.qat_lr, warmup=min(20, cfg.qat_steps),
-                     ema_decay=None, seed=cfg.seed + 1)
-    return train_detector(qm, train, tc, collate, quiet=cfg.quiet, description="qat")
+                     ema_decay=None, seed=cfg.seed + 1, checkpoint_every=cfg.checkpoint_every)
+    hooks: dict = {}
+    if cfg.freeze_bn_step is not None:
+        hooks[cfg.freeze_bn_step] = lambda m: freeze(m, bn=True)
+    if cfg.freeze_scales_step is not None:
+        prev = hooks.get(cfg.freeze_scales_step)
+        hooks[cfg.freeze_scales_step] = lambda m: (prev and prev(m), freeze(m, bn=False, scales=True))
+    return train_detector(qm, train, tc, collate, quiet=cfg.quiet, description="qat", state_path=state_path,
+                          resume=resume, step_hooks=hooks)
 
 
 def save_quantized(qm: nn.Module, path: str | Path, stage: str) -> Path:

@@ -99,12 +99,19 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("range_hi", torch.zeros(shape))
         self.register_buffer("calibrated", torch.tensor(dynamic))
         self.register_buffer("fake_quant_enabled", torch.tensor(True))
+        self.register_buffer("scale_frozen", torch.tensor(False))  # freeze schedule: EMA stops, LSQ stops learning
         self.observer_enabled = False
         self.calibrator: Calibrator | None = None
 
     # ----------------------------------------------------------------- switches
     def enable_fake_quant(self, enabled: bool = True) -> None:
         self.fake_quant_enabled.fill_(int(enabled))
+
+    def freeze_scale(self, frozen: bool = True) -> None:
+        """Keep the current scale for the rest of training (EMA updates stop, a learned scale stops learning)."""
+        self.scale_frozen.fill_(bool(frozen))
+        if isinstance(self.scale, nn.Parameter):
+            self.scale.requires_grad_(not frozen)
 
     def start_observing(self, method: str | None = None) -> None:
         """Begin collecting statistics with ``method`` (default: the scheme's calibrator)."""
@@ -172,7 +179,8 @@ class FakeQuantizer(nn.Module):
                 raise DataError(f"quantizer {self.name!r}: {e}") from e
         if self.dynamic and not exporting:
             self._update_dynamic(x)
-        elif self.training and self.scheme.scale_mode == "ema" and self.is_calibrated and not exporting:
+        elif (self.training and self.scheme.scale_mode == "ema" and self.is_calibrated and not exporting
+              and not bool(self.scale_frozen)):
             self._ema_update(x)
         if not bool(self.fake_quant_enabled):
             return x

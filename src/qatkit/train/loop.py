@@ -9,13 +9,18 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from ..checkpoint import atomic_save, read_checkpoint
+from ..errors import CheckpointError
 from ..models.loss import detection_loss
 from ..progress import progress_bar
+
+STATE_FORMAT = "qatkit-train-state-1"
 
 
 @dataclass
@@ -30,16 +35,24 @@ class TrainConfig:
     ema_decay: float | None = 0.9995
     seed: int = 0
     log_every: int = 50
+    checkpoint_every: int = 0  # steps between training-state checkpoints (0: none)
 
 
-def infinite_batches(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable) -> Iterator:
-    """Shuffled batches forever, reproducible from ``seed`` (epochs reshuffle with a derived seed)."""
-    epoch = 0
+def infinite_batches(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable, start: int = 0) -> Iterator:
+    """Shuffled batches forever, reproducible from ``seed`` (epochs reshuffle with a derived seed).
+
+    The order is a ``randperm`` per epoch (what a shuffling DataLoader draws), so ``start`` skips batches without
+    loading them: a resumed run sees exactly the batches the uninterrupted run would have.
+    """
+    per_epoch = len(dataset) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size}")
+    epoch, offset = divmod(start, per_epoch)
     while True:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        loader = DataLoader(dataset, batch_size, shuffle=True, generator=g, collate_fn=collate_fn, drop_last=True)
-        yield from loader
-        epoch += 1
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        for b in range(offset, per_epoch):
+            yield collate_fn([dataset[i] for i in order[b * batch_size:(b + 1) * batch_size]])
+        epoch, offset = epoch + 1, 0
 
 
 class WeightEMA:
@@ -81,8 +94,17 @@ def train_detector(
     *,
     quiet: bool = False,
     description: str = "train",
+    state_path: str | Path | None = None,
+    resume: bool = False,
+    step_hooks: dict[int, Callable[[nn.Module], object]] | None = None,
 ) -> nn.Module:
-    """Train ``model`` in place for ``config.steps`` steps; returns the EMA model if enabled, else ``model``."""
+    """Train ``model`` in place for ``config.steps`` steps; returns the EMA model if enabled, else ``model``.
+
+    With ``state_path``, the full training state (weights and every buffer, quantizer state included, optimiser,
+    schedule, step, RNG) is written there atomically every ``config.checkpoint_every`` steps; ``resume=True``
+    continues from it, ending where the uninterrupted run ends. ``step_hooks[k](model)`` runs before step ``k``
+    (e.g. ``qatkit.freeze`` for the QAT freeze schedule).
+    """
     torch.manual_seed(config.seed)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
@@ -95,9 +117,17 @@ def train_detector(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
-    batches = infinite_batches(dataset, config.batch_size, config.seed, collate_fn)
-    bar = progress_bar(range(config.steps), description, quiet)
+    start = 0
+    if resume and state_path is not None and Path(state_path).is_file():
+        start = _restore(state_path, model, opt, sched, ema)
+    hooks = step_hooks or {}
+    for k in sorted(k for k in hooks if k < start):  # a resumed run replays the schedule it already passed
+        hooks[k](model)
+    batches = infinite_batches(dataset, config.batch_size, config.seed, collate_fn, start)
+    bar = progress_bar(range(start, config.steps), description, quiet)
     for step in bar:
+        if step in hooks:
+            hooks[step](model)
         images, targets = next(batches)
         loss, parts = detection_loss(model(images), targets)
         if not torch.isfinite(loss):
@@ -111,4 +141,25 @@ def train_detector(
             ema.update(model)
         if step % config.log_every == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
+        if state_path is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            atomic_save({"format": STATE_FORMAT, "step": step + 1, "model": model.state_dict(),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "ema": ema.model.state_dict() if ema is not None else None,
+                         "ema_updates": ema.updates if ema is not None else 0,
+                         "rng": torch.get_rng_state()}, state_path)
     return ema.model if ema is not None else model.eval()
+
+
+def _restore(path: str | Path, model: nn.Module, opt, sched, ema: WeightEMA | None) -> int:
+    state = read_checkpoint(path, STATE_FORMAT)
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"training state {path} does not belong to this model/recipe: {e}") from None
+    sched.load_state_dict(state["scheduler"])
+    if ema is not None and state["ema"] is not None:
+        ema.model.load_state_dict(state["ema"])
+        ema.updates = int(state["ema_updates"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
