@@ -1,5 +1,6 @@
-"""Save / resume: a QAT run killed (SIGKILL) mid-epoch resumes from its last training-state checkpoint and ends
-bit-identical to the uninterrupted run; a training state of another model is a clear error."""
+"""QAT runs: a run killed (SIGKILL) mid-epoch resumes from its last training-state checkpoint and ends
+bit-identical to the uninterrupted run; a training state of another model is a clear error; `qatkit qat --nproc 2`
+runs DDP (torchrun, gloo)."""
 from __future__ import annotations
 
 import os
@@ -72,3 +73,15 @@ def test_a_training_state_of_another_recipe_is_an_error(ptq, tmp_path):
         run = load_run_config(cfg, qat_steps=5, checkpoint_every=1)
         stages.qat(run, stages.load_quantized(ckpt).train(), stages.datasets(run)[0], state_path=state,
                    resume=True)
+
+
+def test_qat_runs_under_ddp_with_two_processes(ptq):
+    root, cfg, ckpt = ptq
+    out = root / "ddp.pt"
+    proc = subprocess.run([sys.executable, "-m", "qatkit.cli", "qat", "--config", str(cfg), "--checkpoint", str(ckpt),
+                           "--out", str(out), "--steps", "4", "--nproc", "2"], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "QAT mAP" in proc.stdout and out.is_file()
+    from qatkit import stages
+    stages.load_quantized(out)  # a checkpoint like any other

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import all_have
 from .errors import DataError, NotCalibratedError, RecipeError
 from .progress import progress_bar
 from .quant.calibrators import CALIBRATORS
@@ -50,7 +51,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
         for q in acts:
             q.start_observing(method)
         with torch.no_grad():
-            for batch in progress_bar(batches, "calibrate", quiet):
+            for batch in progress_bar(_together(batches), "calibrate", quiet):
                 if max_batches is not None and n >= max_batches:
                     break
                 inputs = as_inputs(batch)
@@ -76,6 +77,19 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
             q.enable_fake_quant(True)
         model.train(was_training)
     return CalibrationReport(n, len(acts), method or "recipe")
+
+
+def _together(batches: Iterable):
+    """The batches, stopping on every rank as soon as one rank runs out (DDP calibration reduces per batch)."""
+    it = iter(batches)
+    while True:
+        batch = next(it, _END)
+        if not all_have(batch is not _END):
+            return
+        yield batch
+
+
+_END = object()
 
 
 def uncalibrated(model: nn.Module) -> list[str]:

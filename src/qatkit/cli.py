@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
                    help="write a resumable training state (<out>.state.pt) every N steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
+    p.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun underneath; gloo on CPU)")
     p = sub.add_parser("export", help="export a quantized checkpoint to QDQ ONNX")
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
@@ -69,7 +71,52 @@ def _config(args: argparse.Namespace, **extra):
     return load_run_config(args.config, **overrides)
 
 
-def run(args: argparse.Namespace) -> int:
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command in ``nproc`` processes under torch.distributed.run (torchrun)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "qatkit.cli", *rest]
+    return subprocess.call(cmd)
+
+
+def _init_distributed() -> int:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPUs); rank 0 when not under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def _datasets_once(stages, cfg, rank: int):
+    """Under DDP, rank 0 generates a missing dataset while the others wait."""
+    from . import distributed
+
+    if distributed.world_size() == 1:
+        return stages.datasets(cfg)
+    import torch.distributed as dist
+
+    if rank == 0:
+        out = stages.datasets(cfg)
+        dist.barrier()
+        return out
+    dist.barrier()
+    return stages.datasets(cfg)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     import torch
 
     from . import stages
@@ -97,7 +144,12 @@ def run(args: argparse.Namespace) -> int:
         _, metrics = stages.train_float(cfg, args.out)
         print(f"float mAP@0.5:0.95 {metrics['map']:.4f}; wrote {args.out}")
         return 0
-    train, val = stages.datasets(cfg)
+    rank = 0
+    if cmd == "qat":
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
+        rank = _init_distributed()
+    train, val = _datasets_once(stages, cfg, rank)
     example = (torch.zeros(1, 3, cfg.img_size, cfg.img_size),)
     if cmd == "calibrate":
         qm = stages.ptq(cfg, stages.load_float(cfg.float_checkpoint), train)
@@ -107,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         state_path = Path(args.out).with_suffix(".state.pt")
         qm = stages.qat(cfg, stages.load_quantized(args.checkpoint).train(), train, state_path=state_path,
                         resume=args.resume)
+        if rank > 0:
+            return 0
         stages.save_quantized(qm, args.out, "qat")
         print(f"QAT mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; wrote {args.out}")
     elif cmd == "export":
@@ -125,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return run(args)
+        return run(args, argv)
     except (QatkitError, FileNotFoundError) as e:
         print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
         return 2

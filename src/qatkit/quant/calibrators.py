@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from ..distributed import reduce_minmax, reduce_sum_
 from .histogram import Histogram, expected_sq_error
 from .qparams import CalibrationError, range_to_qparams
 
@@ -72,6 +73,9 @@ class Calibrator:
                                    f"{n_inf} Inf of {x.numel()})")
         self._observe(x.to(torch.float32))
         self._num_batches += 1
+
+    def synchronize(self) -> None:
+        """Merge what the other ranks observed (once, before ``compute_range``); no-op in one process."""
 
     def compute_range(self) -> tuple[Tensor, Tensor]:
         """Proposed ``(lo, hi)`` as float32, shape ``[]`` or ``[C]`` (C = channels along axis)."""
@@ -167,7 +171,7 @@ class MaxCalibrator(Calibrator):
     def _observe(self, x: Tensor) -> None:
         if self.min_val is not None:
             x = x.to(self.min_val.device)
-        bmin, bmax = self._batch_minmax(x)
+        bmin, bmax = reduce_minmax(*self._batch_minmax(x))  # over all ranks (qatkit.distributed)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = bmin.clone(), bmax.clone()
         else:
@@ -226,6 +230,10 @@ class _HistogramCalibrator(Calibrator):
 
     def _state(self) -> dict[str, Tensor]:
         return self.hist.state()
+
+    def synchronize(self) -> None:
+        if self.hist.counts is not None:  # ranges already agree (per-batch min/max were reduced): add the counts
+            reduce_sum_(self.hist.counts)
 
     def _load(self, state: dict[str, Tensor]) -> None:
         self.hist.load(state)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed import reduce_minmax
 from .qparams import CalibrationError
 
 _GROWTH = 0.25  # histogram range grows by at least this fraction, to bound re-binning
@@ -39,7 +40,7 @@ class Histogram:
         self.min = self.max = 0.0  # exact observed extremes of x (signed, not |x|)
 
     def add(self, x: Tensor) -> None:
-        bmin, bmax = (float(v) for v in torch.aminmax(x))
+        bmin, bmax = (float(v) for v in reduce_minmax(*torch.aminmax(x)))  # over all ranks (qatkit.distributed)
         vals = x.abs() if self.absolute else x
         need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
         if self.counts is None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import reduce_minmax
 from ..errors import DataError, NotCalibratedError
 from .calibrators import Calibrator, make_calibrator
 from .qparams import CalibrationError, range_to_qparams
@@ -133,6 +134,7 @@ class FakeQuantizer(nn.Module):
                 f"quantizer {self.name!r} saw no data during calibration: the batches never reached it "
                 "(check that calibration runs the same forward path as inference, or skip this layer in the recipe)"
             )
+        self.calibrator.synchronize()
         lo, hi = self.calibrator.compute_range()
         self.set_range(lo, hi)
         self.observer_enabled = False
@@ -152,7 +154,7 @@ class FakeQuantizer(nn.Module):
     def _ema_update(self, x: torch.Tensor) -> None:
         """Moving-average min/max of training batches (PyTorch's MovingAverageMinMaxObserver rule)."""
         c = self.scheme.averaging_constant
-        lo, hi = torch.aminmax(x.detach().float())
+        lo, hi = reduce_minmax(*torch.aminmax(x.detach().float()))  # DDP: every rank moves its range alike
         self.set_range(self.range_lo + c * (lo - self.range_lo), self.range_hi + c * (hi - self.range_hi))
 
     @property

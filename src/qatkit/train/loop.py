@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import distributed
 from ..checkpoint import atomic_save, read_checkpoint
 from ..errors import CheckpointError
 from ..models.loss import detection_loss
@@ -38,20 +39,23 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between training-state checkpoints (0: none)
 
 
-def infinite_batches(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable, start: int = 0) -> Iterator:
+def infinite_batches(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable, start: int = 0,
+                     rank: int = 0, world: int = 1) -> Iterator:
     """Shuffled batches forever, reproducible from ``seed`` (epochs reshuffle with a derived seed).
 
     The order is a ``randperm`` per epoch (what a shuffling DataLoader draws), so ``start`` skips batches without
-    loading them: a resumed run sees exactly the batches the uninterrupted run would have.
+    loading them: a resumed run sees exactly the batches the uninterrupted run would have. Under DDP, step ``b``
+    of rank ``r`` takes the ``b * world + r``-th batch of the epoch.
     """
-    per_epoch = len(dataset) // batch_size
+    per_epoch = len(dataset) // (batch_size * world)
     if per_epoch == 0:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size}")
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size} per rank")
     epoch, offset = divmod(start, per_epoch)
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
         for b in range(offset, per_epoch):
-            yield collate_fn([dataset[i] for i in order[b * batch_size:(b + 1) * batch_size]])
+            first = (b * world + rank) * batch_size
+            yield collate_fn([dataset[i] for i in order[first:first + batch_size]])
         epoch, offset = epoch + 1, 0
 
 
@@ -107,6 +111,8 @@ def train_detector(
     """
     torch.manual_seed(config.seed)
     model.train()
+    world, rank = distributed.world_size(), distributed.rank()
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # the model's own hooks still run
     opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
 
     def lr_at(step: int) -> float:
@@ -123,13 +129,13 @@ def train_detector(
     hooks = step_hooks or {}
     for k in sorted(k for k in hooks if k < start):  # a resumed run replays the schedule it already passed
         hooks[k](model)
-    batches = infinite_batches(dataset, config.batch_size, config.seed, collate_fn, start)
-    bar = progress_bar(range(start, config.steps), description, quiet)
+    batches = infinite_batches(dataset, config.batch_size, config.seed, collate_fn, start, rank, world)
+    bar = progress_bar(range(start, config.steps), description, quiet or rank > 0)
     for step in bar:
         if step in hooks:
             hooks[step](model)
         images, targets = next(batches)
-        loss, parts = detection_loss(model(images), targets)
+        loss, parts = detection_loss(net(images), targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}: lower the learning rate")
         opt.zero_grad(set_to_none=True)
@@ -141,7 +147,8 @@ def train_detector(
             ema.update(model)
         if step % config.log_every == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", cls=f"{parts['cls']:.3f}", box=f"{parts['box']:.3f}")
-        if state_path is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+        if (state_path is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
+                and rank == 0):
             atomic_save({"format": STATE_FORMAT, "step": step + 1, "model": model.state_dict(),
                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "ema": ema.model.state_dict() if ema is not None else None,
