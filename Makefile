@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run.py
 	$(VENV)/bin/python benchmarks/speed.py
+	$(VENV)/bin/python benchmarks/qat_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -88,3 +88,21 @@ def test_user_recipe_yaml_from_the_cli(run_config, capsys):
     typo.write_text("base: tensorrt\nrules:\n  - module_name: stem\n    skp: true\n")
     assert cli.main(["calibrate", "--config", str(path), "--recipe", str(typo), "--out", str(out)]) == 2
     assert "unknown key 'rules.0.skp'" in capsys.readouterr().err
+
+
+def test_sensitivity_cli_writes_a_ranking_and_a_keep_float_recipe(run_config, capsys):
+    path, root = run_config
+    out = root / "sens"
+    ptq = root / "sens_ptq.pt"
+    assert cli.main(["calibrate", "--config", str(path), "--method", "max", "--out", str(ptq)]) == 0
+    assert cli.main(["sensitivity", "--config", str(path), "--checkpoint", str(ptq), "--eval-images", "16",
+                     "--only", r"^heads\.0\.cls", "--budget", "1.5", "--out", str(out)]) == 0
+    report = json.loads((out / "sensitivity.json").read_text())
+    assert report["groups"] and all(g["group"].startswith("heads.0.cls") for g in report["groups"])
+    keep = yaml.safe_load((out / "keep_float.yaml").read_text())
+    # an unreachable target (1.5x float) keeps every swept group float, each as a skip rule the stages accept
+    assert [r["module_name"] for r in keep["rules"]] == report["keep_float"]
+    assert len(report["keep_float"]) == len(report["groups"])
+    assert cli.main(["calibrate", "--config", str(path), "--recipe", str(out / "keep_float.yaml"),
+                     "--out", str(out / "ptq_kept.pt")]) == 0
+    assert "keep_float.yaml" in capsys.readouterr().out

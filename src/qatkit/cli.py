@@ -55,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="table of quantizers and a placement lint, for a checkpoint or an ONNX file")
     p.add_argument("path", help="a qatkit checkpoint (.pt) or an exported ONNX model (.onnx)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the lint finds anything")
+    p = sub.add_parser("sensitivity", help="per-layer sensitivity sweep; --budget finds layers to keep float")
+    _common(p)
+    p.add_argument("--checkpoint", default="runs/demo/ptq.pt", help="a calibrated (PTQ) checkpoint")
+    p.add_argument("--metric", choices=("map", "sqnr"), default="map",
+                   help="map: mAP on the first --eval-images val images; sqnr: output SQNR (no labels)")
+    p.add_argument("--eval-images", type=int, default=100)
+    p.add_argument("--budget", type=float, help="keep float the fewest layers so that map >= budget x float map")
+    p.add_argument("--top", type=int, default=20, help="rows of the table to print")
+    p.add_argument("--only", help="regex: sweep only the groups (module paths / op keys) it matches")
+    p.add_argument("--out", default="runs/sensitivity")
     p = sub.add_parser("verify", help="compare the ONNX model in ONNX Runtime with its PyTorch checkpoint")
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
@@ -98,6 +108,49 @@ def _init_distributed() -> int:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank()
+
+
+def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
+    """Sweep, optional budget search with re-placed models, then sensitivity.json and keep_float.yaml in --out."""
+    import yaml
+
+    from .analysis.sensitivity import keep_float_recipe, sensitivity, sqnr_metric
+    from .eval.detect import evaluate, torch_predictor
+    from .quantize import quantization_state
+
+    qm = stages.load_quantized(args.checkpoint)
+    recipe = quantization_state(qm).recipe
+    if args.metric == "map":
+        def metric(m):
+            return evaluate(torch_predictor(m), val, limit=args.eval_images)["map"]
+    else:
+        if args.budget is not None:
+            raise QatkitError("--budget is a fraction of the float mAP: use it with --metric map")
+        metric = sqnr_metric(qm, list(stages.image_batches(train, 2, cfg.batch_size, cfg.seed)))
+    float_model = stages.load_float(cfg.float_checkpoint)
+
+    def requantize(keep: list[str]):
+        return stages.ptq(cfg.model_copy(update={"recipe": keep_float_recipe(recipe, keep), "quiet": True}),
+                          float_model, train)
+
+    only = None
+    if args.only:
+        import re
+
+        from .analysis.sensitivity import groups
+        only = [g for g in groups(qm) if re.search(args.only, g)]
+        if not only:
+            raise QatkitError(f"--only {args.only!r} matches no quantizer group; `qatkit inspect` lists them")
+    report = sensitivity(qm, metric, target=args.budget, relative=True, requantize=requantize, quiet=cfg.quiet,
+                         only=only)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps(report.as_dict(), indent=2))
+    print(report.table(args.top))
+    if args.budget is not None:
+        path = out / "keep_float.yaml"
+        path.write_text(yaml.safe_dump(keep_float_recipe(recipe, report.keep_float), sort_keys=False))
+        print(f"wrote {path}: use it as --recipe for calibrate/qat/demo")
 
 
 def _datasets_once(stages, cfg, rank: int):
@@ -167,6 +220,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         from .export import export_onnx
 
         print(f"wrote {export_onnx(stages.load_quantized(args.checkpoint), example, args.out)}")
+    elif cmd == "sensitivity":
+        _sensitivity(args, cfg, stages, train, val)
     elif cmd == "verify":
         from .verify import verify
 

@@ -91,8 +91,8 @@ class _Placer:
     def rule(self, node: Node) -> Resolved:
         """Recipe settings for ``node`` after its matching rules (see qatkit.recipes.rules)."""
         if node.key not in self._resolved:
-            path = "" if node.kind == "input" else node.module or _module_path(node.key)
-            types = [type(m).__name__ for m in self._owners(path)]
+            path = "" if node.kind == "input" else node.module or node.key  # an op is named by its key
+            types = [type(m).__name__ for m in self._owners(_module_path(path))]
             types += [node.kind, node.op] if node.module is None else []
             self._resolved[node.key] = resolve(self.rules, self.r.activation, self.r.weight, path, types)
         return self._resolved[node.key]

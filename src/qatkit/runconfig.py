@@ -33,6 +33,9 @@ class RunConfig(BaseModel):
     freeze_bn_step: int | None = Field(None, ge=0)  # QAT step from which BN uses running statistics (None: never)
     freeze_scales_step: int | None = Field(None, ge=0)  # QAT step from which activation scales stop changing
     checkpoint_every: int = Field(0, ge=0)  # QAT steps between resumable training-state checkpoints
+    distill: bool = False  # QAT loss + MSE to the float model's raw outputs (train.distill)
+    distill_weight: float = Field(1.0, gt=0)
+    distill_features: list[str] = []  # module names whose outputs are matched too (feature-level)
     float_steps: int = Field(3000, ge=1)
     float_lr: float = Field(2e-3, gt=0)
     seed: int = 0

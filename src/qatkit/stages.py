@@ -19,6 +19,7 @@ from .eval.detect import evaluate, torch_predictor
 from .models.detector import TinyYolo, build_detector, config_dict
 from .quantize import freeze, quantize
 from .runconfig import RunConfig
+from .train.distill import Distiller
 from .train.loop import TrainConfig, train_detector
 
 FLOAT_FORMAT = "qatkit-float-1"
@@ -97,8 +98,10 @@ def qat(cfg: RunConfig, qm: nn.Module, train: CocoDetection, *, state_path: str 
     if cfg.freeze_scales_step is not None:
         prev = hooks.get(cfg.freeze_scales_step)
         hooks[cfg.freeze_scales_step] = lambda m: (prev and prev(m), freeze(m, bn=False, scales=True))
+    distiller = (Distiller(load_float(cfg.float_checkpoint), qm, cfg.distill_weight, cfg.distill_features)
+                 if cfg.distill else None)
     return train_detector(qm, train, tc, collate, quiet=cfg.quiet, description="qat", state_path=state_path,
-                          resume=resume, step_hooks=hooks)
+                          resume=resume, step_hooks=hooks, distiller=distiller)
 
 
 def save_quantized(qm: nn.Module, path: str | Path, stage: str) -> Path:

@@ -82,13 +82,15 @@ def _results(dataset: CocoDetection, predictions: dict[int, Prediction]) -> list
     return out
 
 
-def coco_map(dataset: CocoDetection, predictions: dict[int, Prediction]) -> dict[str, float]:
+def coco_map(dataset: CocoDetection, predictions: dict[int, Prediction], *, only_predicted: bool = False
+             ) -> dict[str, float]:
     """COCO bbox metrics of `predictions` against `dataset.ann_file`.
 
     `predictions` maps image_id -> (boxes xyxy [K,4] in the dataset's
     letterboxed pixels, scores [K], labels [K] contiguous).  Every image in the
     json counts, predicted or not.  Returns ``map`` (AP@[.5:.95]), ``map50``,
-    ``map75`` and ``mar100`` (AR@100); all 0.0 when there is nothing to match.
+    ``map75`` and ``mar100`` (AR@100); all 0.0 when there is nothing to match. ``only_predicted``: score only the
+    images that have an entry in ``predictions`` (a quick evaluation on part of a dataset).
     """
     results = _results(dataset, predictions)
     zeros = dict.fromkeys(METRIC_KEYS, 0.0)
@@ -100,6 +102,8 @@ def coco_map(dataset: CocoDetection, predictions: dict[int, Prediction]) -> dict
         return zeros
     dt = gt.loadRes(results)
     ev = COCOeval_faster(gt, dt, iouType="bbox", print_function=_quiet)
+    if only_predicted:
+        ev.params.imgIds = sorted(int(i) for i in predictions)
     ev.evaluate()
     ev.accumulate()
     ev.summarize()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..data.coco import CocoDetection, collate
 from ..models.postprocess import postprocess
@@ -28,11 +28,12 @@ def torch_predictor(model: torch.nn.Module) -> Predictor:
 
 
 def evaluate(predict: Predictor, dataset: CocoDetection, *, batch_size: int = 32, quiet: bool = True,
-             description: str = "eval") -> dict[str, float]:
-    """COCO metrics of ``predict`` on ``dataset`` (mAP@0.5:0.95 under ``"map"``)."""
+             description: str = "eval", limit: int | None = None) -> dict[str, float]:
+    """COCO metrics of ``predict`` on ``dataset`` (mAP@0.5:0.95 under ``"map"``); ``limit``: the first N images."""
     predictions = {}
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    images = dataset if limit is None else Subset(dataset, range(min(limit, len(dataset))))
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for images, targets in progress_bar(loader, description, quiet):
         for target, det in zip(targets, postprocess(predict(images))):
             predictions[target["image_id"]] = det
-    return coco_map(dataset, predictions)
+    return coco_map(dataset, predictions, only_predicted=limit is not None)

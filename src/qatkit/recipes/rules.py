@@ -4,8 +4,9 @@ A rule names its layers one way: ``object_type`` (a module class name such as ``
 that module and everything inside it, or a functional op such as ``add``/``cat``), ``module_name_regex`` (matched
 in full against a layer's module path or any of its parents), or ``module_name`` (a module and its subtree).
 Priority, lowest first, as in PyTorch's qconfig mapping and seed 001: the recipe's global settings <
-``object_type`` < ``module_name_regex`` < ``module_name``; among ``module_name`` rules the deeper module wins, and
-otherwise a later rule wins over an earlier one.
+``object_type`` < ``module_name_regex`` < ``module_name``. Among ``module_name`` rules the deeper module wins, and
+otherwise a later rule wins over an earlier one. A functional op is named by its key (``stage1.0/add#0``, as
+``qatkit inspect`` lists it); a rule naming its module covers it too.
 
 ``skip`` and the schemes apply to every layer a rule names (a module's whole subtree). ``quantize_input`` and
 ``quantize_output`` apply at the named module's boundary, as seed 001's per-stage configs do: ``quantize_input``
@@ -73,8 +74,10 @@ class Resolved:
 
 
 def _prefixes(path: str) -> list[str]:
-    parts = path.split(".") if path else []
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+    """``a.b`` -> ``[a, a.b]``; a functional op key ``a.b/add#0`` -> ``[a, a.b, a.b/add#0]``."""
+    module, _, op = path.partition("/")
+    parts = module.split(".") if module else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))] + ([path] if op else [])
 
 
 def matches(rule: Rule, path: str, types: list[str], exact: bool = False) -> bool:
@@ -87,7 +90,8 @@ def matches(rule: Rule, path: str, types: list[str], exact: bool = False) -> boo
         return rule.object_type in types
     if rule.module_name_regex is not None:
         return any(re.fullmatch(rule.module_name_regex, p) for p in ([path] if exact else _prefixes(path)))
-    return path == rule.module_name or (not exact and path.startswith(rule.module_name + "."))
+    name = rule.module_name
+    return path == name or (not exact and (path.startswith(name + ".") or path.startswith(name + "/")))
 
 
 def _ordered(rules: list[Rule], path: str, types: list[str], exact: bool = False) -> list[Rule]:

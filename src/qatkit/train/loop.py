@@ -20,6 +20,7 @@ from ..checkpoint import atomic_save, read_checkpoint
 from ..errors import CheckpointError
 from ..models.loss import detection_loss
 from ..progress import progress_bar
+from .distill import Distiller
 
 STATE_FORMAT = "qatkit-train-state-1"
 
@@ -101,13 +102,14 @@ def train_detector(
     state_path: str | Path | None = None,
     resume: bool = False,
     step_hooks: dict[int, Callable[[nn.Module], object]] | None = None,
+    distiller: "Distiller | None" = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``config.steps`` steps; returns the EMA model if enabled, else ``model``.
 
     With ``state_path``, the full training state (weights and every buffer, quantizer state included, optimiser,
     schedule, step, RNG) is written there atomically every ``config.checkpoint_every`` steps; ``resume=True``
     continues from it, ending where the uninterrupted run ends. ``step_hooks[k](model)`` runs before step ``k``
-    (e.g. ``qatkit.freeze`` for the QAT freeze schedule).
+    (e.g. ``qatkit.freeze`` for the QAT freeze schedule). ``distiller`` adds its loss (QAT from the float model).
     """
     torch.manual_seed(config.seed)
     model.train()
@@ -135,7 +137,10 @@ def train_detector(
         if step in hooks:
             hooks[step](model)
         images, targets = next(batches)
-        loss, parts = detection_loss(net(images), targets)
+        out = net(images)
+        loss, parts = detection_loss(out, targets)
+        if distiller is not None:
+            loss = loss + distiller.loss(images, out)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at step {step}: lower the learning rate")
         opt.zero_grad(set_to_none=True)
