@@ -43,6 +43,21 @@ def test_demo_writes_summary_with_all_keys(run_config, capsys):
     assert abs(summary["onnx_fp32_map"] - summary["float_map"]) < 1e-3
     assert summary["ort_ops"].get("QLinearConv", 0) > 0 and summary["ort_ops"].get("Conv", 0) == 0
     assert "int8 speed-up" in capsys.readouterr().out
+    page = (root / "demo" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # accuracy/latency, sensitivity, histograms
+    assert "Quantizers and lint" in page and "nothing to report" in page
+
+
+def test_report_charts_render(run_config):
+    """The PNGs behind the report decode as images with content (a headless render of the charts)."""
+    from PIL import Image
+    import numpy as np
+
+    _, root = run_config
+    for name in ("accuracy", "sensitivity", "histograms"):
+        image = np.asarray(Image.open(root / "demo" / f"report_{name}.png").convert("L"))
+        assert image.shape[0] > 100 and image.shape[1] > 300
+        assert image.std() > 10, name  # not a blank canvas
 
 
 def test_stages_chain_through_files(run_config, capsys):

@@ -141,8 +141,9 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
         only = [g for g in groups(qm) if re.search(args.only, g)]
         if not only:
             raise QatkitError(f"--only {args.only!r} matches no quantizer group; `qatkit inspect` lists them")
-    report = sensitivity(qm, metric, target=args.budget, relative=True, requantize=requantize, quiet=cfg.quiet,
-                         only=only)
+    name = "mAP" if args.metric == "map" else "output SQNR (dB)"
+    report = sensitivity(qm, metric, metric_name=name, target=args.budget, relative=True, requantize=requantize,
+                         quiet=cfg.quiet, only=only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sensitivity.json").write_text(json.dumps(report.as_dict(), indent=2))

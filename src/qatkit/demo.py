@@ -1,12 +1,13 @@
 """``qatkit demo``: from the shipped float checkpoint, PTQ -> QAT -> export -> verify -> ORT latency, one table.
 
-Writes ``<out>/summary.json`` with float_map, ptq_map, qat_map, onnx_fp32_map, onnx_int8_map, within_one_step,
+Writes ``<out>/report.html`` (+ ``report.md``, see :mod:`qatkit.analysis.report`) and ``<out>/summary.json`` with float_map, ptq_map, qat_map, onnx_fp32_map, onnx_int8_map, within_one_step,
 fp32_ms, int8_ms, recipe (mAP = COCO mAP@0.5:0.95 on the held-out split; ms = ORT median latency, batch 1;
 within_one_step = layer-wise, teacher-forced agreement, see :mod:`qatkit.verify`; the free-running figure is
 reported beside it).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -45,6 +46,16 @@ def format_table(s: dict) -> str:
         _row("int8 speed-up (fp32_ms / int8_ms)", s["fp32_ms"] / s["int8_ms"], "{:.2f}x"),
     ]
     return "\n".join(rows)
+
+
+def _report(cfg: RunConfig, out: Path, summary: dict, qm, val):
+    """The run's HTML/Markdown report: sensitivity by output SQNR (no labels needed) and activation histograms."""
+    from .analysis.report import activation_histograms, write_report
+    from .analysis.sensitivity import sensitivity, sqnr_metric
+
+    batches = list(itertools.islice(val_batches(val, cfg.batch_size), 2))
+    sens = sensitivity(qm, sqnr_metric(qm, batches[:1]), metric_name="output SQNR (dB)", quiet=cfg.quiet)
+    return write_report(out, summary, qm, sensitivity=sens, histograms=activation_histograms(qm, batches))
 
 
 def run_demo(cfg: RunConfig, log=print) -> dict:
@@ -89,6 +100,9 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
         "torch": torch.__version__, "seconds": round(time.time() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.report:
+        html_path, _ = _report(cfg, out, summary, qm, val)
+        log(f"wrote {html_path}")
     log(format_table(summary))
     log(f"wrote {out / 'summary.json'} in {summary['seconds']:.0f} s")
     return summary

@@ -42,6 +42,7 @@ class RunConfig(BaseModel):
     out: Path = Path("runs/demo")
     latency_runs: int = Field(200, ge=1)
     quiet: bool = False
+    report: bool = True  # demo: write report.html / report.md (sensitivity sweep, histograms, quantizer table)
 
 
 def load_run_config(path: str | Path | None, **overrides) -> RunConfig:

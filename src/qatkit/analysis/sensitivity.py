@@ -39,6 +39,7 @@ class SensitivityReport:
     keep_float: list[str] = field(default_factory=list)
     target: float | None = None
     reached: float | None = None
+    metric: str = "metric"  # what the numbers are, for tables and charts
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +99,8 @@ def _enable(model: nn.Module, on: set[str] | None) -> None:
         q.enable_fake_quant(on is None or key in on)
 
 
-def sensitivity(model: nn.Module, metric: Metric, *, target: float | None = None, relative: bool = False,
+def sensitivity(model: nn.Module, metric: Metric, *, metric_name: str = "metric", target: float | None = None,
+                relative: bool = False,
                 requantize: Callable[[list[str]], nn.Module] | None = None, quiet: bool = True,
                 only: list[str] | None = None) -> SensitivityReport:
     """Per-group sweep of ``metric`` (higher is better) on a calibrated model; ``target``: find a keep-float set
@@ -114,7 +116,7 @@ def sensitivity(model: nn.Module, metric: Metric, *, target: float | None = None
     keys = set().union(*all_groups.values())
     try:
         _enable(model, set())
-        report = SensitivityReport(metric(model), 0.0)
+        report = SensitivityReport(metric(model), 0.0, metric=metric_name)
         _enable(model, None)
         report.quantized_metric = metric(model)
         for name in progress_bar(names, "sensitivity", quiet):
