@@ -44,7 +44,7 @@ class NNCF:
     def ptq(self, model: nn.Module, batches: list) -> nn.Module:
         import nncf
 
-        return nncf.quantize(copy.deepcopy(model).eval(), nncf.Dataset(batches), subset_size=sum(len(b) for b in batches))
+        return nncf.quantize(copy.deepcopy(model).eval(), nncf.Dataset(batches), subset_size=len(batches))
 
     def qat(self, model: nn.Module) -> nn.Module:
         return model

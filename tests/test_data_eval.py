@@ -230,3 +230,14 @@ def test_map_rejects_bad_predictions(shapes_root: Path) -> None:
         coco_map(ds, {1: (box, torch.ones(1), torch.tensor([3]))})
     with pytest.raises(ValueError, match="image_id 999"):
         coco_map(ds, {999: (box, torch.ones(1), torch.tensor([0]))})
+
+
+def test_calibration_batches_do_not_depend_on_the_global_rng(shapes_root: Path) -> None:
+    from qatkit.stages import image_batches
+
+    ds = CocoDetection(shapes_root, "train", 64, augment=True)
+    torch.manual_seed(1)
+    first = list(image_batches(ds, 2, 4, seed=0))
+    torch.manual_seed(2)
+    second = list(image_batches(ds, 2, 4, seed=0))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -34,14 +34,15 @@ def datasets(cfg: RunConfig) -> tuple[CocoDetection, CocoDetection]:
 
 
 def image_batches(dataset: CocoDetection, n_batches: int, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """``n_batches`` of images (no targets) drawn reproducibly: what calibration needs."""
+    """``n_batches`` of images (no targets, no augmentation) drawn reproducibly from ``seed`` alone: what
+    calibration needs (augmentation would tie the batches to the global RNG state)."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=g).tolist()
     for b in range(n_batches):
         idx = order[(b * batch_size) % len(order):][:batch_size]
         if not idx:
             return
-        yield torch.stack([dataset[i][0] for i in idx])
+        yield torch.stack([dataset.image(i) for i in idx])
 
 
 def val_batches(dataset: CocoDetection, batch_size: int) -> Iterator[torch.Tensor]:

@@ -177,6 +177,10 @@ class CocoDetection(Dataset):
             self._cache[i] = out
         return out
 
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as the model sees it at inference (letterboxed, never augmented): for calibration."""
+        return torch.from_numpy(self._letterboxed(i)).permute(2, 0, 1).float().div_(255.0)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         rec = self.images[i]
         img = self._letterboxed(i)
