@@ -106,7 +106,7 @@ class TorchaoPT2E:
         with torch.no_grad():
             for b in batches:
                 prepared(b)
-        return convert_pt2e(prepared)
+        return _TrainEvalShim(convert_pt2e(prepared))
 
     def qat(self, model: nn.Module) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
@@ -121,16 +121,16 @@ class TorchaoPT2E:
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-        return convert_pt2e(move_exported_model_to_eval(model.graph_module))
+        return _TrainEvalShim(convert_pt2e(move_exported_model_to_eval(model.graph_module)))
 
     def export(self, model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=17,
+        torch.onnx.export(model.graph_module, (example,), str(path), dynamo=True, opset_version=17,
                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
         return path
 
 
 class _TrainEvalShim(nn.Module):
-    """An exported GraphModule cannot switch train/eval with .train(): the loop's calls become no-ops."""
+    """An exported GraphModule refuses .train()/.eval() (torch.export): the loops' calls become no-ops."""
 
     def __init__(self, graph_module: nn.Module) -> None:
         super().__init__()

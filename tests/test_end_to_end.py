@@ -118,6 +118,7 @@ def test_sensitivity_cli_writes_a_ranking_and_a_keep_float_recipe(run_config, ca
     # an unreachable target (1.5x float) keeps every swept group float, each as a skip rule the stages accept
     assert [r["module_name"] for r in keep["rules"]] == report["keep_float"]
     assert len(report["keep_float"]) == len(report["groups"])
+    assert "data:image/png;base64," in (out / "sensitivity.html").read_text()
     assert cli.main(["calibrate", "--config", str(path), "--recipe", str(out / "keep_float.yaml"),
                      "--out", str(out / "ptq_kept.pt")]) == 0
     assert "keep_float.yaml" in capsys.readouterr().out

@@ -87,6 +87,11 @@ def test_model_matrix(name, recipe, tmp_path):
     missing, unexpected = model.load_state_dict(float_state, strict=False)  # a float checkpoint still loads
     assert not unexpected and all(k.startswith("_qatkit.") for k in missing)
 
+    state = qatkit.quantization_state(model)
+    if name.startswith("yolo"):  # the head decode (DFL, anchors, box decode, final concat) stays float
+        head = max(int(k.split("/")[0].split(".")[1]) for k in state.sites if k.startswith("model."))
+        assert any(".dfl." in k for k in state.float_layers)
+        assert not [k for k in state.sites if k.startswith(f"model.{head}/")], "a decode op got a quantizer"
     qatkit.calibrate(model, [torch.rand(2, 3, size, size, generator=g) for _ in range(2)], method="percentile")
     assert problems(lint_model(model)) == 0, lint_model(model)
     path = qatkit.export_onnx(model, (x,), tmp_path / f"{name}.onnx")

@@ -147,6 +147,9 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sensitivity.json").write_text(json.dumps(report.as_dict(), indent=2))
+    from .analysis.report import write_sensitivity_report
+
+    write_sensitivity_report(out, report, "qatkit " + " ".join(sys.argv[1:]))
     print(report.table(args.top))
     if args.budget is not None:
         path = out / "keep_float.yaml"

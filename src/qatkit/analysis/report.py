@@ -112,6 +112,42 @@ def _histogram_chart(hists: dict) -> bytes:
     return _png(fig)
 
 
+def write_sensitivity_report(out: str | Path, report: SensitivityReport, command: str = "") -> Path:
+    """``sensitivity.html`` (chart embedded, keep-float set in red) and ``sensitivity.md`` + PNG, for
+    ``qatkit sensitivity``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = _sensitivity_chart(report)
+    (out / "sensitivity.png").write_bytes(png)
+    lines = [f"float {report.float_metric:.4f}, all quantized {report.quantized_metric:.4f} ({report.metric})"]
+    if report.target is not None:
+        lines.append(f"keep float for target {report.target:.4f}: {', '.join(report.keep_float) or '(none)'} "
+                     f"-> {report.reached:.4f}")
+    if command:
+        lines.append(f"command: {command}")
+    table = report.table(40)
+    (out / "sensitivity.md").write_text("# qatkit sensitivity
+
+" + "
+
+".join(lines) +
+                                        "
+
+![sensitivity](sensitivity.png)
+
+```
+" + table + "
+```
+")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>qatkit sensitivity</title></head>"
+            "<body style='font-family:sans-serif;max-width:1100px;margin:auto'><h1>qatkit sensitivity</h1>"
+            + "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+            + f"<img style='max-width:100%' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            + f"<pre>{html.escape(table)}</pre></body></html>")
+    (out / "sensitivity.html").write_text(page)
+    return out / "sensitivity.html"
+
+
 def write_report(out: str | Path, summary: dict, model: nn.Module, *, sensitivity: SensitivityReport | None = None,
                  histograms: dict | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ PNGs) into ``out``."""
