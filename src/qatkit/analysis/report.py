@@ -126,19 +126,8 @@ def write_sensitivity_report(out: str | Path, report: SensitivityReport, command
     if command:
         lines.append(f"command: {command}")
     table = report.table(40)
-    (out / "sensitivity.md").write_text("# qatkit sensitivity
-
-" + "
-
-".join(lines) +
-                                        "
-
-![sensitivity](sensitivity.png)
-
-```
-" + table + "
-```
-")
+    md = ["# qatkit sensitivity", "", *lines, "", "![sensitivity](sensitivity.png)", "", "```", table, "```"]
+    (out / "sensitivity.md").write_text("\n".join(md) + "\n")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>qatkit sensitivity</title></head>"
             "<body style='font-family:sans-serif;max-width:1100px;margin:auto'><h1>qatkit sensitivity</h1>"
             + "".join(f"<p>{html.escape(line)}</p>" for line in lines)
