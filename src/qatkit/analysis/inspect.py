@@ -169,7 +169,7 @@ def lint_onnx(path: str | Path) -> dict[str, int]:
 
 
 def format_report(rows: list[Row], lint: dict[str, int]) -> str:
-    head = ("name", "scheme", "scale", "zero point", "uses", "state")
+    head = ("name", "scheme", "scale", "zero point", "sites sharing it", "state")
     table = [head] + [(r.name, r.scheme, r.scale, r.zero_point, str(r.uses), r.state) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
