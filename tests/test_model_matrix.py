@@ -21,6 +21,7 @@ from qatkit import cli
 from qatkit.adapters import DetectorCore
 from qatkit.analysis.inspect import lint_model, problems
 from qatkit.capture import tensors_of
+from qatkit.models.detector import DetectorConfig, TinyYolo
 
 
 def _extra(name: str):
@@ -47,6 +48,7 @@ def _torchvision_detector(name: str) -> nn.Module:
 
 
 MODELS = {  # name: (factory, input size)
+    "qatkit_demo_detector": (lambda: TinyYolo(DetectorConfig()), 160),
     "yolov5nu": (lambda: _ultralytics("yolov5nu.yaml"), 128),
     "yolov8n": (lambda: _ultralytics("yolov8n.yaml"), 128),
     "yolo11n": (lambda: _ultralytics("yolo11n.yaml"), 128),
