@@ -51,7 +51,8 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
         for q in acts:
             q.start_observing(method)
         with torch.no_grad():
-            for batch in progress_bar(_together(batches), "calibrate", quiet):
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in progress_bar(_together(batches), "calibrate", quiet, total=total):
                 if max_batches is not None and n >= max_batches:
                     break
                 inputs = as_inputs(batch)

@@ -36,9 +36,6 @@ class Graph:
     seen: set[str] = field(default_factory=set)  # every op/module key that ran (nodes keep only dataflow ops)
     fallback: str | None = None  # why dataflow capture failed: the graph then lists conv/linear modules only
 
-    def consumers(self, edge: Edge) -> list[tuple[Node, int]]:
-        return [(n, i) for n in self.nodes.values() for i, e in enumerate(n.inputs) if e == edge]
-
     @classmethod
     def modules_only(cls, model: nn.Module, reason: str) -> "Graph":
         """Module-level fallback: each conv/linear leaf as a node with unknown inputs (no dataflow)."""

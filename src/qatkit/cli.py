@@ -114,10 +114,12 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
     """Sweep, optional budget search with re-placed models, then sensitivity.json and keep_float.yaml in --out."""
     import yaml
 
-    from .analysis.sensitivity import keep_float_recipe, sensitivity, sqnr_metric
+    from .analysis.sensitivity import groups, keep_float_recipe, sensitivity, sqnr_metric
     from .eval.detect import evaluate, torch_predictor
     from .quantize import quantization_state
 
+    if args.eval_images < 1:
+        raise QatkitError(f"--eval-images must be at least 1, got {args.eval_images}")
     qm = stages.load_quantized(args.checkpoint)
     recipe = quantization_state(qm).recipe
     if args.metric == "map":
@@ -137,7 +139,6 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
     if args.only:
         import re
 
-        from .analysis.sensitivity import groups
         only = [g for g in groups(qm) if re.search(args.only, g)]
         if not only:
             raise QatkitError(f"--only {args.only!r} matches no quantizer group; `qatkit inspect` lists them")

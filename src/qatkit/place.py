@@ -72,10 +72,10 @@ class _Placer:
         Trainable = has weights that require grad (YOLO's DFL conv has fixed weights: it is decode arithmetic).
         If no layer requires grad (a frozen model), every conv/linear counts as trainable.
         """
-        compute = [n for n in self.g.nodes.values() if n.kind in COMPUTE and n.module is not None]
         if self.g.fallback:  # no dataflow: nothing is known to come after anything
             self.output_layers, self.tail = set(), set()
             return
+        compute = [n for n in self.g.nodes.values() if n.kind in COMPUTE and n.module is not None]
         trainable = {n.key for n in compute
                      if any(p.requires_grad for p in self.model.get_submodule(n.module).parameters())}
         trainable = trainable or {n.key for n in compute}
@@ -170,8 +170,8 @@ class _Placer:
             self.set_output(node, self.new_act(node, f"{node.key}/output"))
 
     def only_consumer(self, node: Node) -> Node | None:
-        users = self.g.consumers((node.key, 0))
-        return users[0][0] if len(users) == 1 and node.num_outputs == 1 else None
+        users = self.users.get((node.key, 0), [])
+        return users[0] if len(users) == 1 and node.num_outputs == 1 else None
 
     def folded_bn(self, node: Node) -> Node | None:
         """The BatchNorm (module, or F.batch_norm inside a BN subclass) that alone reads this conv's output."""

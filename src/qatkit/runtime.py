@@ -176,7 +176,7 @@ class QuantState(nn.Module):
                 self._mode.__exit__(None, None, None)
                 self._mode = None
             site = self.sites.get(frame.key)
-            if site is not None:
+            if site is not None and (site.output is not None or site.fold_into is not None):
                 with self.paused():
                     output = self._quantize_output(site, output)
             if self.recorder is not None:
@@ -255,10 +255,7 @@ class QuantState(nn.Module):
         """Simulated folding while BN trains (Jacob et al. 2018; PyTorch's ConvBn QAT): the weight is scaled by
         gamma / running_std and quantized as the deployed conv will be, the scaling is divided back out, and the
         real BatchNorm that follows normalises with batch statistics and updates its running statistics."""
-        bn = self._root.get_submodule(site.fold_bn)
-        factor = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            factor = factor * bn.weight
+        _, factor = self._bn_factor(site)
         shape = [1] * args[1].ndim
         shape[0] = -1
         args[1] = wq(args[1] * factor.reshape(shape))
@@ -269,14 +266,17 @@ class QuantState(nn.Module):
         y = y / factor.reshape([1, -1] + [1] * (y.ndim - 2))
         return y if bias is None else y + bias.reshape([1, -1] + [1] * (y.ndim - 2))
 
+    def _bn_factor(self, site: Site) -> tuple[nn.Module, torch.Tensor]:
+        """The BatchNorm folded into ``site``'s conv and its per-channel scale ``gamma / sqrt(running_var + eps)``."""
+        bn = self._root.get_submodule(site.fold_bn)
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        return bn, factor * bn.weight if bn.weight is not None else factor
+
     def _fold_bn(self, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         """Fold the following BatchNorm (running statistics) into the conv, as the deployed graph does."""
         if site.fold_bn is None:
             return weight, bias
-        bn = self._root.get_submodule(site.fold_bn)
-        factor = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            factor = factor * bn.weight
+        bn, factor = self._bn_factor(site)
         shift = -bn.running_mean * factor + (bn.bias if bn.bias is not None else 0.0)
         weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
         bias = shift if bias is None else bias * factor + shift

@@ -93,12 +93,10 @@ def qat(cfg: RunConfig, qm: nn.Module, train: CocoDetection, *, state_path: str 
         return qm.eval()
     tc = TrainConfig(steps=cfg.qat_steps, batch_size=cfg.batch_size, lr=cfg.qat_lr, warmup=min(20, cfg.qat_steps),
                      ema_decay=None, seed=cfg.seed + 1, checkpoint_every=cfg.checkpoint_every)
-    hooks: dict = {}
-    if cfg.freeze_bn_step is not None:
-        hooks[cfg.freeze_bn_step] = lambda m: freeze(m, bn=True)
-    if cfg.freeze_scales_step is not None:
-        prev = hooks.get(cfg.freeze_scales_step)
-        hooks[cfg.freeze_scales_step] = lambda m: (prev and prev(m), freeze(m, bn=False, scales=True))
+    def freeze_at(step: int):
+        return lambda m: freeze(m, bn=step == cfg.freeze_bn_step, scales=step == cfg.freeze_scales_step)
+
+    hooks = {step: freeze_at(step) for step in (cfg.freeze_bn_step, cfg.freeze_scales_step) if step is not None}
     distiller = (Distiller(load_float(cfg.float_checkpoint), qm, cfg.distill_weight, cfg.distill_features)
                  if cfg.distill else None)
     return train_detector(qm, train, tc, collate, quiet=cfg.quiet, description="qat", state_path=state_path,

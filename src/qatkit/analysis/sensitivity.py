@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..capture import tensors_of
+from ..errors import QatkitError
 from ..progress import progress_bar
 from ..quantize import as_inputs, quantization_state
 
@@ -113,6 +114,10 @@ def sensitivity(model: nn.Module, metric: Metric, *, metric_name: str = "metric"
     """
     all_groups = groups(model)
     names = only or list(all_groups)
+    unknown = [n for n in names if n not in all_groups]
+    if unknown:
+        raise QatkitError(f"sensitivity: no quantizer group {unknown[0]!r} ({len(unknown)} unknown); "
+                          "groups are module paths or op keys, as `qatkit inspect` lists the quantizers")
     keys = set().union(*all_groups.values())
     try:
         _enable(model, set())
@@ -128,21 +133,19 @@ def sensitivity(model: nn.Module, metric: Metric, *, metric_name: str = "metric"
         report.groups.sort(key=lambda g: g.all_but, reverse=True)
         if target is not None:
             report.target = target * report.float_metric if relative else target
-            report.keep_float, report.reached = _budget(model, metric, report, all_groups, report.target, requantize,
-                                                        quiet)
+            report.keep_float, report.reached = _budget(model, metric, report, all_groups, keys, requantize, quiet)
     finally:
         _enable(model, None)
     return report
 
 
 def _budget(model: nn.Module, metric: Metric, report: SensitivityReport, all_groups: dict[str, list[str]],
-            target: float, requantize, quiet: bool) -> tuple[list[str], float]:
-    """Greedy: keep float the group that buys most, then the next, until ``metric >= target``."""
+            keys: set[str], requantize, quiet: bool) -> tuple[list[str], float]:
+    """Greedy: keep float the group that buys most, then the next, until ``metric >= report.target``."""
     keep: list[str] = []
     value = report.quantized_metric
-    keys = set().union(*all_groups.values())
     for g in progress_bar(report.groups, "budget", quiet):
-        if value >= target:
+        if value >= report.target:
             break
         keep.append(g.group)
         if requantize is not None:
