@@ -18,6 +18,8 @@ from .calibrate import uncalibrated
 from .errors import NotCalibratedError
 from .capture import tensors_of
 from .quantize import as_inputs
+from .export_int16 import widen_int16
+from .quant.quantizer import INT16_DOMAIN
 
 OPSET = 17
 
@@ -47,11 +49,12 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, args, str(tmp), dynamo=False, opset_version=opset, input_names=input_names,
-                              output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+                              output_names=output_names, dynamic_axes=axes, do_constant_folding=True,
+                              custom_opsets={INT16_DOMAIN: 1} if _has_int16(model) else None)
         state = getattr(model, "_qatkit", None)
         if state is not None:
-            _add_metadata(tmp, {"qatkit.recipe": state.recipe.get("name", "custom"),
-                                "qatkit.float_layers": json.dumps(state.float_layers)})
+            _finish(tmp, {"qatkit.recipe": state.recipe.get("name", "custom"),
+                          "qatkit.float_layers": json.dumps(state.float_layers)})
         onnx.checker.check_model(str(tmp))
         tmp.replace(path)
     finally:
@@ -60,10 +63,18 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
     return path
 
 
-def _add_metadata(path: Path, props: dict[str, str]) -> None:
-    """What ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes."""
+def _has_int16(model: nn.Module) -> bool:
+    """Whether any quantizer's codes need a 16-bit container (exported through qatkit.export_int16)."""
+    state = getattr(model, "_qatkit", None)
+    return state is not None and any(q.scheme.container_bits == 16 for q in state.quantizers.values())
+
+
+def _finish(path: Path, props: dict[str, str]) -> None:
+    """Add what ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes, and turn
+    16-bit Q/DQ stand-ins into standard opset-21 nodes (qatkit.export_int16); one load and save."""
     model = onnx.load(str(path))
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+    model = widen_int16(model)
     onnx.save(model, str(path))

@@ -24,10 +24,32 @@ def _onnx_const(g, values: np.ndarray):
 
 
 def _qparams_np(scale: torch.Tensor, zero_point: torch.Tensor | None,
-                signed: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale (float32) and zero point (int8/uint8, or None) as the numpy constants written into the graph."""
-    zp = None if zero_point is None else zero_point.detach().cpu().numpy().astype(np.int8 if signed else np.uint8)
+                container: str = "int8") -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (float32) and zero point (of the ``container`` integer type, or None) as the graph's constants."""
+    zp = None if zero_point is None else zero_point.detach().cpu().numpy().astype(np.dtype(container))
     return scale.detach().cpu().float().numpy(), zp
+
+
+# The TorchScript exporter knows no 16-bit integer constants and stops at opset 20, while QuantizeLinear takes
+# int16/uint16 from opset 21. So a 16-bit Q/DQ is traced as a ``qatkit::`` node holding its zero point (and weight
+# codes) in int32 plus the container type; qatkit.export_int16 then rewrites it into the standard op at opset 21.
+INT16_DOMAIN = "qatkit"
+INT16_CONTAINERS = ("int16", "uint16")
+
+
+def _zero_point_const(g, zero_point: np.ndarray):
+    """(constant, op-name prefix, attributes) for a zero point: standard for 8-bit, ``qatkit::`` for 16-bit."""
+    if zero_point.dtype.name in INT16_CONTAINERS:
+        return (_onnx_const(g, zero_point.astype(np.int32)), f"{INT16_DOMAIN}::",
+                {"container_s": zero_point.dtype.name})
+    return _onnx_const(g, zero_point), "", {}
+
+
+def _typed_like(value, like):
+    """Give a stand-in node's output the type and shape of the float tensor it replaces (the exporter cannot
+    infer them for a ``qatkit::`` node, and downstream shape inference needs them)."""
+    value.setType(like.type())
+    return value
 
 
 class _QuantDequantExport(torch.autograd.Function):
@@ -39,12 +61,13 @@ class _QuantDequantExport(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, y, scale, zero_point, axis, clip):
-        s, z = _onnx_const(g, scale), _onnx_const(g, zero_point)
-        kwargs = {"axis_i": axis} if scale.ndim else {}
-        if clip is not None:  # grid narrower than the int8/uint8 container: Q alone would saturate too late
+        s = _onnx_const(g, scale)
+        z, domain, kwargs = _zero_point_const(g, zero_point)
+        kwargs |= {"axis_i": axis} if scale.ndim else {}
+        if clip is not None:  # grid narrower than the integer container: Q alone would saturate too late
             x = g.op("Clip", x, _onnx_const(g, np.float32(clip[0])), _onnx_const(g, np.float32(clip[1])))
-        q = g.op("QuantizeLinear", x, s, z, **kwargs)
-        return g.op("DequantizeLinear", q, s, z, **kwargs)
+        q = g.op(f"{domain}QuantizeLinear", x, s, z, **kwargs)
+        return _typed_like(g.op(f"{domain}DequantizeLinear", q, s, z, **kwargs), y)
 
 
 class _DequantConstExport(torch.autograd.Function):
@@ -56,9 +79,12 @@ class _DequantConstExport(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, y, scale, zero_point, axis):
-        inputs = [q, _onnx_const(g, scale)] + ([_onnx_const(g, zero_point)] if zero_point is not None else [])
-        kwargs = {"axis_i": axis} if scale.ndim else {}
-        return g.op("DequantizeLinear", *inputs, **kwargs)
+        domain, kwargs, inputs = "", {}, [q, _onnx_const(g, scale)]
+        if zero_point is not None:
+            z, domain, kwargs = _zero_point_const(g, zero_point)
+            inputs.append(z)
+        kwargs |= {"axis_i": axis} if scale.ndim else {}
+        return _typed_like(g.op(f"{domain}DequantizeLinear", *inputs, **kwargs), y)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
@@ -72,6 +98,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 def export_dequant_const(q_int: np.ndarray, y: torch.Tensor, scale: np.ndarray, zero_point: np.ndarray | None,
                          axis: int | None) -> torch.Tensor:
     """During export: an integer constant ``q_int`` followed by DequantizeLinear, numerically ``y``."""
+    if q_int.dtype.name in INT16_CONTAINERS:  # traced as int32, narrowed by qatkit.export_int16
+        q_int = q_int.astype(np.int32)
     return _DequantConstExport.apply(torch.from_numpy(q_int), y, scale, zero_point, axis if scale.ndim else None)
 
 
@@ -193,7 +221,7 @@ class FakeQuantizer(nn.Module):
         s = self.scheme
         axis = s.axis % x.ndim if s.per_channel else None
         if exporting:  # no torch fake-quant op in the trace: the ONNX exporter rejects narrow grids
-            sc, zp = _qparams_np(self.scale, self.zero_point, s.onnx_signed)
+            sc, zp = _qparams_np(self.scale, self.zero_point, s.container)
             if self.dynamic:  # a constant (weight): store its integer codes, emit DequantizeLinear only
                 q = self.codes(x).astype(zp.dtype)
                 return export_dequant_const(q, x, sc, zp, axis)
@@ -215,11 +243,11 @@ class FakeQuantizer(nn.Module):
     def _export_clip(self, scale: np.ndarray, zp: np.ndarray) -> tuple[float, float] | None:
         """Real-valued clip range for grids narrower than the ONNX container (per-tensor only)."""
         s = self.scheme
-        lo_c, hi_c = (-128, 127) if s.onnx_signed else (0, 255)
-        if (s.qmin, s.qmax) == (lo_c, hi_c):
+        if (s.qmin, s.qmax) == s.container_range:
             return None
         if scale.ndim:
-            raise NotImplementedError(f"quantizer {self.name!r}: per-channel activations narrower than 8 bits")
+            raise NotImplementedError(f"quantizer {self.name!r}: per-channel activations narrower than their "
+                                      f"{s.container} container")
         z = float(zp.astype(np.int64))
         return (float(s.qmin) - z) * float(scale), (float(s.qmax) - z) * float(scale)
 

@@ -12,12 +12,18 @@ class QuantScheme(BaseModel):
     """One integer grid and how to find its range.
 
     ``bits`` may be below the container width (e.g. 7-bit weights stored as int8): the grid is then narrower
-    than the int8/uint8 container ONNX carries, which is how ``reduce_range`` and W4A8 are expressed.
+    than the int8/uint8 container ONNX carries, which is how ``reduce_range`` and W4A8 are expressed. Grids of 9 to
+    16 bits live in int16/uint16 containers (QuantizeLinear from ONNX opset 21): the 16-bit activation regions
+    NPUs keep for sensitive tensors (A16W8, docs/low_bit.md).
+
+    Example::
+
+        QuantScheme(bits=16, signed=False, symmetric=False)  # uint16 affine activations
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bits: int = Field(8, ge=2, le=8)
+    bits: int = Field(8, ge=2, le=16)
     signed: bool = True
     symmetric: bool = True
     per_channel: bool = False
@@ -50,8 +56,24 @@ class QuantScheme(BaseModel):
 
     @property
     def onnx_signed(self) -> bool:
-        """Container type in ONNX: int8 when the grid has negatives, else uint8."""
+        """Container type in ONNX: int8/int16 when the grid has negatives, else uint8/uint16."""
         return self.qmin < 0
+
+    @property
+    def container_bits(self) -> int:
+        """Width of the ONNX integer type holding the codes: 8 up to 8-bit grids, 16 above."""
+        return 8 if self.bits <= 8 else 16
+
+    @property
+    def container(self) -> str:
+        """The numpy/ONNX integer type of the codes: ``int8``, ``uint8``, ``int16`` or ``uint16``."""
+        return f"{'' if self.onnx_signed else 'u'}int{self.container_bits}"
+
+    @property
+    def container_range(self) -> tuple[int, int]:
+        """(lowest, highest) code the container holds: what QuantizeLinear saturates to."""
+        n = self.container_bits
+        return (-(2 ** (n - 1)), 2 ** (n - 1) - 1) if self.onnx_signed else (0, 2**n - 1)
 
     def calibrator_options(self) -> dict:
         if self.calibrator == "percentile":
