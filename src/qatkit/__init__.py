@@ -22,6 +22,7 @@ from .checkpoint import load, save  # noqa: E402
 from .errors import (CheckpointError, DataError, NotCalibratedError, QatkitError, QatkitWarning,  # noqa: E402
                      RecipeError)
 from .export import export_onnx  # noqa: E402
+from .encodings import export_encodings, qdq_from_encodings  # noqa: E402
 from .quant.quantizer import FakeQuantizer  # noqa: E402
 from .quant.scheme import QuantScheme  # noqa: E402
 from .quantize import capture, freeze, quantization_state, quantize  # noqa: E402
@@ -30,7 +31,7 @@ from .verify import VerifyReport, verify  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize", "calibrate", "export_onnx", "verify", "save", "load",
+    "quantize", "calibrate", "export_onnx", "export_encodings", "qdq_from_encodings", "verify", "save", "load",
     "capture", "quantization_state", "uncalibrated", "freeze",
     "Recipe", "load_recipe", "builtin_recipes", "QuantScheme", "FakeQuantizer",
     "CalibrationReport", "VerifyReport", "DetectorCore",

@@ -48,10 +48,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="write a resumable training state (<out>.state.pt) every N steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if it exists")
     p.add_argument("--nproc", type=int, default=1, help="DDP processes (torchrun underneath; gloo on CPU)")
-    p = sub.add_parser("export", help="export a quantized checkpoint to QDQ ONNX")
+    p = sub.add_parser("export", help="export a quantized checkpoint to QDQ ONNX (or float ONNX + encodings)")
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
-    p.add_argument("--out", default="runs/demo/model.qdq.onnx")
+    p.add_argument("--format", choices=("qdq", "encodings"), default="qdq",
+                   help="qdq: QuantizeLinear/DequantizeLinear ONNX (ORT, OpenVINO, TensorRT); encodings: float ONNX "
+                        "+ AIMET-style .encodings beside it (Qualcomm QNN/SNPE), see docs/targets.md")
+    p.add_argument("--out", help="ONNX file (default runs/demo/model.qdq.onnx, or runs/demo/model.onnx with "
+                                 "--format encodings)")
     p = sub.add_parser("inspect", help="table of quantizers and a placement lint, for a checkpoint or an ONNX file")
     p.add_argument("path", help="a qatkit checkpoint (.pt) or an exported ONNX model (.onnx)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the lint finds anything")
@@ -222,9 +226,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         stages.save_quantized(qm, args.out, "qat")
         print(f"QAT mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; wrote {args.out}")
     elif cmd == "export":
-        from .export import export_onnx
+        qm = stages.load_quantized(args.checkpoint)
+        if args.format == "encodings":
+            from .encodings import export_encodings
 
-        print(f"wrote {export_onnx(stages.load_quantized(args.checkpoint), example, args.out)}")
+            for path in export_encodings(qm, example, args.out or "runs/demo/model.onnx"):
+                print(f"wrote {path}")
+        else:
+            from .export import export_onnx
+
+            print(f"wrote {export_onnx(qm, example, args.out or 'runs/demo/model.qdq.onnx')}")
     elif cmd == "sensitivity":
         _sensitivity(args, cfg, stages, train, val)
     elif cmd == "verify":
