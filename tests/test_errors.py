@@ -132,7 +132,7 @@ def test_invalid_placement_value():
 
 def test_invalid_bits_value_names_field():
     with pytest.raises(qatkit.RecipeError, match=r"activation\.bits"):
-        qatkit.load_recipe({"base": "onnxruntime", "activation": {"bits": 9}})
+        qatkit.load_recipe({"base": "onnxruntime", "activation": {"bits": 17}})
 
 
 def test_unknown_base_recipe():

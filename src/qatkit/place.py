@@ -28,7 +28,8 @@ from .capture import Edge, Graph, Node
 from .quant.quantizer import FakeQuantizer
 from .quant.scheme import QuantScheme
 from .recipes import Recipe
-from .recipes.rules import Resolved, Rule, boundary, resolve
+from .recipes.rules import Resolved, Rule, boundary, module_of, resolve
+from .recipes.selectors import check_selectors
 from .runtime import ROOT, Site
 
 COMPUTE = ("conv", "linear")
@@ -41,11 +42,6 @@ class Placement:
     quantizers: dict[str, FakeQuantizer] = field(default_factory=dict)
     outputs: list[str | None] = field(default_factory=list)  # quantizer of each model output (None: float)
     float_layers: list[str] = field(default_factory=list)  # conv/linear left float on purpose (recipe or rule)
-
-
-def _module_path(key: str) -> str:
-    """The module a site belongs to: ``a.b@1/add#0`` -> ``a.b``."""
-    return key.split("/")[0].split("@")[0]
 
 
 class _Placer:
@@ -92,7 +88,7 @@ class _Placer:
         """Recipe settings for ``node`` after its matching rules (see qatkit.recipes.rules)."""
         if node.key not in self._resolved:
             path = "" if node.kind == "input" else node.module or node.key  # an op is named by its key
-            types = [type(m).__name__ for m in self._owners(_module_path(path))]
+            types = [type(m).__name__ for m in self._owners(module_of(path))]
             types += [node.kind, node.op] if node.module is None else []
             self._resolved[node.key] = resolve(self.rules, self.r.activation, self.r.weight, path, types)
         return self._resolved[node.key]
@@ -111,7 +107,7 @@ class _Placer:
         return node.key in self.tail or self.rule(node).skip
 
     def _path(self, node: Node) -> str:
-        return node.module or _module_path(node.key)
+        return node.module or module_of(node.key)
 
     def _boundaries(self, node: Node) -> list[tuple[str, list[str]]]:
         """(module path, own type names) of the node itself and every module that contains it, innermost first."""
@@ -362,5 +358,10 @@ class _Placer:
 
 
 def place(graph: Graph, recipe: Recipe, model: nn.Module) -> Placement:
-    """Quantizers and sites for ``model`` under ``recipe`` (see the module docstring for the policies)."""
+    """Quantizers and sites for ``model`` under ``recipe`` (see the module docstring for the policies).
+
+    Raises:
+        RecipeError: a ``skip`` entry or rule selector matches nothing in ``model`` (qatkit.recipes.selectors).
+    """
+    check_selectors(recipe, graph, model)
     return _Placer(graph, recipe, model).run()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .calibrate import calibrate
-from .checkpoint import atomic_save, checkpoint_metadata, load, read_checkpoint, save
+from .checkpoint import atomic_save, checkpoint_metadata, header, load, read_checkpoint, save
 from .data import CocoDetection, collate, generate_shapes
 from .eval.detect import evaluate, torch_predictor
 from .models.detector import TinyYolo, build_detector, config_dict
@@ -22,7 +22,7 @@ from .runconfig import RunConfig
 from .train.distill import Distiller
 from .train.loop import TrainConfig, train_detector
 
-FLOAT_FORMAT = "qatkit-float-1"
+FLOAT_FORMAT = "qatkit-float-1"  # name-version, checked by read_checkpoint (an older/newer version names the fix)
 
 
 def datasets(cfg: RunConfig) -> tuple[CocoDetection, CocoDetection]:
@@ -51,7 +51,7 @@ def val_batches(dataset: CocoDetection, batch_size: int) -> Iterator[torch.Tenso
 
 
 def save_float(model: TinyYolo, path: str | Path, metadata: dict | None = None) -> Path:
-    return atomic_save({"format": FLOAT_FORMAT, "config": config_dict(model), "state_dict": model.state_dict(),
+    return atomic_save({**header(FLOAT_FORMAT), "config": config_dict(model), "state_dict": model.state_dict(),
                         "metadata": metadata or {}}, path)
 
 

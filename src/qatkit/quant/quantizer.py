@@ -280,7 +280,8 @@ def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
     The scale is used exactly as is: ORT's fused QLinearConv assumes ``s_input * s_weight`` whatever the bias
     DequantizeLinear says, so any clamping here would make PyTorch and ORT disagree. A bias too large for int32 at
-    that scale is clipped, in both. (Scales are >= 1e-12, so the product is never zero in float32.)
+    that scale is clipped, in both. (Scales are >= qparams.scale_floor, about 1e-9 even for 16-bit
+    grids, so the product is never zero in float32.)
     """
     scale = scale.detach()
     q = torch.clamp(torch.round(bias / scale), -_INT32_F32_MAX, _INT32_F32_MAX)

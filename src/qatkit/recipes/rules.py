@@ -73,6 +73,11 @@ class Resolved:
     weight: QuantScheme
 
 
+def module_of(key: str) -> str:
+    """The module a layer or op key belongs to: ``a.b@1/add#0`` -> ``a.b``; a module path is its own."""
+    return key.split("/")[0].split("@")[0]
+
+
 def _prefixes(path: str) -> list[str]:
     """``a.b`` -> ``[a, a.b]``; a functional op key ``a.b/add#0`` -> ``[a, a.b, a.b/add#0]``."""
     module, _, op = path.partition("/")

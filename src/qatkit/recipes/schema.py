@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..errors import RecipeError
 from ..quant.scheme import QuantScheme
 from .rules import Rule
 
 RECIPE_DIR = Path(__file__).parent
+# Recipe format versions this qatkit reads. Bump VERSION when a key changes meaning; an older version that can still
+# be read then stays listed here (and is converted on load), one that cannot gets its own error naming the fix.
+VERSION = 1
+VERSIONS = (1,)
 
 
 class Recipe(BaseModel):
@@ -30,6 +34,7 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    version: int = VERSION  # the recipe format; optional, a newer one than this qatkit reads is an error
     name: str = "custom"
     description: str = ""
     activation: QuantScheme
@@ -46,6 +51,17 @@ class Recipe(BaseModel):
     skip: list[str] = []  # module-name regexes kept float (shorthand for rules with skip: true)
     rules: list[Rule] = []  # per-layer overrides, see qatkit.recipes.rules for matching and priority
 
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _known_version(cls, value: Any) -> Any:
+        valid = ", ".join(map(str, VERSIONS))
+        if isinstance(value, int) and not isinstance(value, bool) and value > VERSION:
+            raise ValueError(f"recipe version {value} is newer than this qatkit reads (versions: {valid}): "
+                             "upgrade qatkit (pip install -U qatkit)")
+        if isinstance(value, bool) or value not in VERSIONS:
+            raise ValueError(f"unknown recipe version {value!r}; valid versions: {valid}")
+        return value
 
     @model_validator(mode="after")
     def _weights_track_their_tensor(self) -> "Recipe":
@@ -114,7 +130,8 @@ def _format_errors(err: ValidationError) -> str:
             valid = ", ".join(getattr(parent, "model_fields", {}).keys())
             lines.append(f"unknown key {where!r}; valid keys here: {valid}")
         else:
-            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+            lines.append(f"{where}: {msg} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
