@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .plan import input_key
 from .tracing import func_kind, func_name, module_kind
 
 Edge = tuple[str, int]  # (producer node key, output index)
@@ -79,7 +80,7 @@ class Recorder:
     def inputs(self, args) -> None:
         tensors = tensors_of(args)
         for i, t in enumerate(tensors):
-            key = f"input#{i}"
+            key = input_key(i)
             self.graph.nodes[key] = Node(key, "input", "input", num_outputs=1)
             self._producer[id(t)] = (key, 0)
             self._alive.append(t)

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .capture import Edge, Graph, Node
+from .plan import ROOT, Site, module_of, within
 from .quant.quantizer import FakeQuantizer
 from .quant.scheme import QuantScheme
 from .recipes import Recipe
-from .recipes.rules import Resolved, Rule, boundary, module_of, resolve
+from .recipes.rules import Resolved, Rule, boundary, resolve
 from .recipes.selectors import check_selectors
-from .runtime import ROOT, Site
 
 COMPUTE = ("conv", "linear")
 NEW_SCALE = ("add", "mul", "cat", "sigmoid", "pool", "act", "matmul")
@@ -117,10 +117,6 @@ class _Placer:
         outer = [".".join(parts[:i]) for i in range(len(parts) - (1 if node.module else 0), 0, -1)]
         return own + [(p, [type(self._owners(p)[-1]).__name__]) for p in outer]
 
-    @staticmethod
-    def _inside(node_path: str, module: str) -> bool:
-        return node_path == module or node_path.startswith(module + ".") or node_path.startswith(module + "/")
-
     def output_float(self, node: Node) -> bool:
         """A rule's ``quantize_output: false`` on a module this node's output leaves, or float model outputs."""
         if not self.r.quantize_model_outputs and (node.key in self.output_layers or self.is_model_output(node)):
@@ -129,7 +125,7 @@ class _Placer:
         edges = [(last.key, i) for i in range(last.num_outputs)]
         users = [self._path(u) if u.module else u.key for e in edges for u in self.users.get(e, [])]
         for module, types in self._boundaries(node):
-            leaves = any(e in self.output_edges for e in edges) or any(not self._inside(u, module) for u in users)
+            leaves = any(e in self.output_edges for e in edges) or any(not within(u, module) for u in users)
             if leaves and not boundary(self.rules, module, types)[1]:
                 return True
         return False
@@ -143,7 +139,7 @@ class _Placer:
             src = self.g.nodes[edge[0]]
             src_path = "" if src.kind == "input" else (src.module or src.key)
             for module, types in self._boundaries(node):
-                if self._inside(src_path, module) or not boundary(self.rules, module, types)[0]:
+                if within(src_path, module) or not boundary(self.rules, module, types)[0]:
                     continue
                 if values:
                     self.value_q(node, i)  # the value's one quantizer, applied at this boundary too

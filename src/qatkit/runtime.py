@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -19,27 +19,11 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .capture import Recorder
 from .errors import QatkitWarning
+from .plan import ROOT, Site, module_of, slot
 from .quant.quantizer import FakeQuantizer, quantize_bias
 from .tracing import CallTracker, func_name
 
-ROOT = ""  # site key of the root module call (its inputs are the model inputs)
 _WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
-
-
-@dataclass
-class Site:
-    """What to do at one call site; quantizers are referred to by key in ``QuantState.quantizers``."""
-
-    kind: str
-    inputs: dict[int, str] = field(default_factory=dict)  # tensor-input index -> quantizer
-    output: str | None = None  # applied to every floating tensor output
-    weight: str | None = None
-    bias_from: str | None = None  # input quantizer whose scale x weight scale is the int32 bias scale
-    fold_bn: str | None = None  # BatchNorm module folded into this conv
-    identity: bool = False  # a BatchNorm folded away: returns its input (runs for real while BN is live)
-    fold_into: str | None = None  # the conv site this BatchNorm is folded into
-    sigmoid: str | None = None  # SiLU computed as x * q(sigmoid(x))
-    relu: bool = False  # a functional SiLU computed as ReLU (recipe silu_to_relu)
 
 
 def _reads_float(args, kwargs) -> bool:
@@ -72,7 +56,7 @@ class QuantState(nn.Module):
         self.float_layers = float_layers or []  # conv/linear layers the recipe keeps float (lint, export metadata)
         self.outputs = outputs or []  # quantizer key per model output, None where the output is float
         self.example_shapes = example_shapes or []
-        self.quantizers = nn.ModuleDict({k.replace(".", ":"): q for k, q in (quantizers or {}).items()})
+        self.quantizers = nn.ModuleDict({slot(k): q for k, q in (quantizers or {}).items()})
         self.sites = sites or {}
         self.recipe = recipe or {}
         self.recorder: Recorder | None = None
@@ -112,7 +96,7 @@ class QuantState(nn.Module):
         return x
 
     def q(self, key: str) -> FakeQuantizer:
-        return self.quantizers[key.replace(".", ":")]
+        return self.quantizers[slot(key)]
 
     @contextmanager
     def paused(self):
@@ -157,7 +141,7 @@ class QuantState(nn.Module):
             return None
         self._check_seen(frame.key)
         if self.recorder is not None:
-            self.recorder.module_call(frame.key, frame.key.split("@")[0], module, args)
+            self.recorder.module_call(frame.key, module_of(frame.key), module, args)
         site = self.sites.get(frame.key)
         if not self.functional and site is not None and site.weight is not None:
             self._mode = _Mode(self)  # capture fallback: the mode runs only inside this layer, for its weight

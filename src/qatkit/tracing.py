@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import nn
 
+from .plan import call_key, op_key, parse_key
+
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -115,14 +117,14 @@ class CallTracker:
             parent = self.stack[-1]
             for name, child in parent.module._modules.items():
                 if child is module:
-                    return f"{parent.key.split('@')[0]}.{name}".lstrip(".")
+                    return f"{parse_key(parent.key).module}.{name}".lstrip(".")
         return self.names.get(id(module), type(module).__name__)
 
     def push(self, module: nn.Module) -> Frame:
         path = self._path(module) if self.stack else ""
         n = self.calls.get(path, 0)
         self.calls[path] = n + 1
-        frame = Frame(path if n == 0 else f"{path}@{n}", module, is_leaf(module))
+        frame = Frame(call_key(path, n), module, is_leaf(module))
         self.stack.append(frame)
         return frame
 
@@ -138,4 +140,4 @@ class CallTracker:
         name = func_name(func)
         n = frame.counts.get(name, 0)
         frame.counts[name] = n + 1
-        return f"{frame.key}/{name}#{n}"
+        return op_key(frame.key, name, n)

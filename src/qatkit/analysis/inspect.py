@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 from torch import nn
 
+from ..plan import slot
 from ..quant.qparams import MIN_RANGE, collapsed, scale_floor
 from ..quantize import quantization_state
 
@@ -103,7 +104,7 @@ def model_rows(model: nn.Module) -> list[Row]:
     for site in state.sites.values():
         for key in (*site.inputs.values(), site.output, site.weight, site.sigmoid):
             if key is not None:
-                uses[key.replace(".", ":")] += 1
+                uses[slot(key)] += 1
     rows = []
     for key, q in state.quantizers.items():
         flags = ("calibrated" if q.is_calibrated else "NOT CALIBRATED") + ("" if bool(q.fake_quant_enabled)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..capture import tensors_of
 from ..errors import QatkitError
+from ..plan import is_input_quantizer, quantizer_owner
 from ..progress import progress_bar
 from ..quantize import as_inputs, quantization_state
 
@@ -83,7 +84,7 @@ def sqnr_metric(model: nn.Module, batches: list) -> Metric:
 
 def group_of(quantizer_name: str) -> str:
     """``stage1.0.conv/output`` -> ``stage1.0.conv``; ``stage1.0/add#0/output`` -> ``stage1.0/add#0``."""
-    return quantizer_name.rsplit("/", 1)[0] if "/" in quantizer_name else quantizer_name
+    return quantizer_owner(quantizer_name)
 
 
 def groups(model: nn.Module) -> dict[str, list[str]]:
@@ -165,7 +166,7 @@ def keep_float_recipe(recipe: dict, keep_float: list[str]) -> dict:
     out = dict(recipe)
     rules = list(out.get("rules", []))
     for g in keep_float:
-        if g.startswith("input") and "/" not in g and "." not in g:
+        if is_input_quantizer(g):
             out["quantize_model_input"] = False
         else:
             rules.append({"module_name": g, "skip": True})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from ..plan import parse_key, within
 from ..quant.scheme import QuantScheme
 
 KINDS = ("object_type", "module_name_regex", "module_name")
@@ -73,16 +74,11 @@ class Resolved:
     weight: QuantScheme
 
 
-def module_of(key: str) -> str:
-    """The module a layer or op key belongs to: ``a.b@1/add#0`` -> ``a.b``; a module path is its own."""
-    return key.split("/")[0].split("@")[0]
-
-
 def _prefixes(path: str) -> list[str]:
     """``a.b`` -> ``[a, a.b]``; a functional op key ``a.b/add#0`` -> ``[a, a.b, a.b/add#0]``."""
-    module, _, op = path.partition("/")
-    parts = module.split(".") if module else []
-    return [".".join(parts[: i + 1]) for i in range(len(parts))] + ([path] if op else [])
+    key = parse_key(path)
+    parts = key.scope.split(".") if key.scope else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))] + ([path] if key.op is not None else [])
 
 
 def matches(rule: Rule, path: str, types: list[str], exact: bool = False) -> bool:
@@ -96,7 +92,7 @@ def matches(rule: Rule, path: str, types: list[str], exact: bool = False) -> boo
     if rule.module_name_regex is not None:
         return any(re.fullmatch(rule.module_name_regex, p) for p in ([path] if exact else _prefixes(path)))
     name = rule.module_name
-    return path == name or (not exact and (path.startswith(name + ".") or path.startswith(name + "/")))
+    return path == name or (not exact and within(path, name))
 
 
 def _ordered(rules: list[Rule], path: str, types: list[str], exact: bool = False) -> list[Rule]:

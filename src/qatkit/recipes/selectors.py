@@ -27,8 +27,9 @@ from torch import nn
 
 from ..capture import Graph
 from ..errors import RecipeError
+from ..plan import module_of
 from ..tracing import _FUNC_KINDS  # the functional op names and kinds capture knows, for the fallback case
-from .rules import Rule, matches, module_of
+from .rules import Rule, matches
 from .schema import Recipe
 
 _OP_WORDS = set(_FUNC_KINDS) | set(_FUNC_KINDS.values()) | {"input", "other"}
