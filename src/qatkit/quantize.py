@@ -10,7 +10,7 @@ from torch import nn
 
 from .capture import Graph, Recorder
 from .errors import QatkitError, QatkitWarning
-from .place import place
+from .placement import place
 from .recipes import Recipe, load_recipe, recipe_to_dict
 from .runtime import QuantState
 
