@@ -69,10 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="rows of the table to print")
     p.add_argument("--only", help="regex: sweep only the groups (module paths / op keys) it matches")
     p.add_argument("--out", default="runs/sensitivity")
-    p = sub.add_parser("verify", help="compare the ONNX model in ONNX Runtime with its PyTorch checkpoint")
+    p = sub.add_parser("verify", help="compare the ONNX model in ONNX Runtime or OpenVINO with its checkpoint")
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
     p.add_argument("--onnx", default="runs/demo/model.qdq.onnx")
+    from .runtimes import RUNTIMES
+
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime")
+    p.add_argument("--precision", default="f32", help="float precision of the runtime's non-integer parts "
+                   "(OpenVINO: f32, bf16, f16)")
     return ap
 
 
@@ -242,7 +247,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         from .verify import verify
 
         qm = stages.load_quantized(args.checkpoint)
-        report = verify(qm, args.onnx, stages.val_batches(val, cfg.batch_size), dataset=val)
+        report = verify(qm, args.onnx, stages.val_batches(val, cfg.batch_size), runtime=args.runtime,
+                        precision=args.precision, metric=lambda predict: evaluate(predict, val)["map"])
         print(json.dumps(report.as_dict(), indent=2))
     return 0
 

@@ -1,9 +1,10 @@
 """``qatkit demo``: from the shipped float checkpoint, PTQ -> QAT -> export -> verify -> ORT latency, one table.
 
 Writes ``<out>/report.html`` (+ ``report.md``, see :mod:`qatkit.analysis.report`) and ``<out>/summary.json`` with float_map, ptq_map, qat_map, onnx_fp32_map, onnx_int8_map, within_one_step,
-fp32_ms, int8_ms, recipe (mAP = COCO mAP@0.5:0.95 on the held-out split; ms = ORT median latency, batch 1;
-within_one_step = layer-wise, teacher-forced agreement, see :mod:`qatkit.verify`; the free-running figure is
-reported beside it).
+fp32_ms, int8_ms, recipe, openvino_int8_map, openvino_within_one_step (mAP = COCO mAP@0.5:0.95 on the held-out
+split; ms = ORT median latency, batch 1; within_one_step = layer-wise, teacher-forced agreement with ONNX Runtime,
+openvino_within_one_step the same with OpenVINO at f32, see :mod:`qatkit.verify`; the free-running figure is reported
+beside it).
 """
 from __future__ import annotations
 
@@ -38,8 +39,11 @@ def format_table(s: dict) -> str:
         _row("int8 QDQ ONNX mAP (ORT)", s["onnx_int8_map"]),
         _row("PTQ / float", s["ptq_map"] / f),
         _row("QAT / float", s["qat_map"] / f),
+        _row("int8 QDQ ONNX mAP (OpenVINO)", s["openvino_int8_map"]),
         _row("|ORT int8 - QAT| mAP", abs(s["onnx_int8_map"] - s["qat_map"])),
+        _row("|OpenVINO int8 - QAT| mAP", abs(s["openvino_int8_map"] - s["qat_map"])),
         _row("layer-wise ORT = PyTorch +-1 step", s["within_one_step"], "{:.5f}"),
+        _row("layer-wise OpenVINO = PyTorch +-1", s["openvino_within_one_step"], "{:.5f}"),
         _row("free-running outputs +-1 step", s["free_running_within_one_step"], "{:.5f}"),
         _row("ORT fp32 latency, batch 1 (ms)", s["fp32_ms"], "{:.2f}"),
         _row("ORT int8 latency, batch 1 (ms)", s["int8_ms"], "{:.2f}"),
@@ -82,8 +86,13 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
     qm = qat(cfg, qm, train)
     save_quantized(qm, out / "qat.pt", "qat")
     qat_path = export_onnx(qm, example, out / "model.qdq.onnx")
-    report = verify(qm, qat_path, val_batches(val, cfg.batch_size), dataset=val)
+    def metric(predict) -> float:
+        return evaluate(predict, val, quiet=cfg.quiet, description="eval int8")["map"]
+
+    report = verify(qm, qat_path, val_batches(val, cfg.batch_size), metric=metric)
     log(f"QAT mAP {report.torch_map:.4f}, ORT int8 mAP {report.onnx_map:.4f}")
+    ov = verify(qm, qat_path, val_batches(val, cfg.batch_size), runtime="openvino", metric=metric)
+    log(f"OpenVINO int8 mAP {ov.onnx_map:.4f}, layer-wise within one step {ov.within_one_step:.5f}")
 
     fp32_ms = onnx_runtime.latency_ms(fp32_path, shape, runs=cfg.latency_runs)
     int8_ms = onnx_runtime.latency_ms(qat_path, shape, runs=cfg.latency_runs)
@@ -97,6 +106,9 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
         "fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms,
         "recipe": cfg.recipe, "method": cfg.method, "qat_steps": cfg.qat_steps,
         "ort_ops": onnx_runtime.fused_op_counts(qat_path),
+        "openvino_int8_map": ov.onnx_map, "openvino_within_one_step": ov.within_one_step,
+        "openvino_free_running_within_one_step": ov.free_running_within_one_step,
+        "openvino_worst_layers": ov.worst_layers,
         "torch": torch.__version__, "seconds": round(time.time() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

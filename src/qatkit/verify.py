@@ -1,4 +1,5 @@
-"""Verify: run the exported ONNX model in ONNX Runtime and compare it with the PyTorch model it came from.
+"""Verify: run the exported ONNX model in an inference runtime (ONNX Runtime or OpenVINO) and compare it with the
+PyTorch model it came from.
 
 Two comparisons, because a deep quantized network is chaotic with respect to rounding: one value that lands on the
 other side of a rounding boundary (float summation order differs between any two libraries) shifts its
@@ -6,18 +7,21 @@ consumers by a fraction of a step, which flips some of *their* roundings, and so
 even with ORT's optimisations off, free-running outputs agree within one step for only ~90 % of values, while mAP
 agrees to 0.001. So:
 
-* **layer-wise (teacher-forced)**: ORT runs once with every activation QuantizeLinear output exposed; PyTorch then
-  runs with each quantizer's result replaced by ORT's value for that tensor (same execution order as the ONNX
-  graph), and each tensor is compared in integer codes. This checks that every layer in the runtime computes what
-  PyTorch computes from the same inputs. ``within_one_step`` is the share of all quantized values (every layer,
-  model outputs included) within one step; ``outputs_within_one_step`` the share for the model outputs.
-* **free-running**: plain runs both ways (``free_running_within_one_step``) and, with a dataset, mAP both ways.
+* **layer-wise (teacher-forced)**: the runtime runs once with every activation QuantizeLinear output exposed as a
+  graph output (both runtimes return those as integer codes); PyTorch then runs with each quantizer's result
+  replaced by the runtime's value for that tensor (same execution order as the ONNX graph), and each tensor is
+  compared in integer codes. This checks that every layer in the runtime computes what PyTorch computes from the
+  same inputs. ``within_one_step`` is the share of all quantized values (every layer, model outputs included)
+  within one step; ``outputs_within_one_step`` the share for the model outputs.
+* **free-running**: plain runs both ways (``free_running_within_one_step``) and, with a ``metric``, the metric both
+  ways (``torch_map`` / ``onnx_map``).
 The step of a float model output (e.g. TensorRT's float output convs) is one 8-bit step of its range.
 """
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,11 +33,12 @@ from torch import nn
 from .calibrate import check_finite
 from .capture import tensors_of
 from .errors import DataError, QatkitError
-from .onnx_runtime import predictor, session
 from .quant.quantizer import FakeQuantizer
 from .quantize import as_inputs, quantization_state
+from .runtimes import Predictor, Runtime, open_runtime
 
 STEP_TOLERANCE = 1e-4  # relative slack on "one step" for float rounding in the comparison itself
+Metric = Callable[[Predictor], float]
 
 
 @dataclass
@@ -47,9 +52,12 @@ class VerifyReport:
     batches: int
     steps: list[float]
     worst_layers: list[tuple[str, float]] = field(default_factory=list)  # (quantizer, share beyond one step)
-    tapped_outputs_identical: bool = True  # exposing intermediates did not change ORT's model outputs
-    torch_map: float | None = None
-    onnx_map: float | None = None
+    tapped_outputs_identical: bool = True  # exposing intermediates did not change the runtime's model outputs
+    torch_map: float | None = None  # the metric of the PyTorch model (mAP with the detector evaluator)
+    onnx_map: float | None = None  # the metric of the ONNX model in the runtime
+    runtime: str = "onnxruntime"
+    precision: str = "f32"
+    reasons: dict[str, str] = field(default_factory=dict)  # worst layer -> what its disagreement points to
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,13 +65,18 @@ class VerifyReport:
 
 class _Tally:
     def __init__(self) -> None:
-        self.within = self.total = 0
+        self.within = self.total = self.at_edge = 0
         self.max_steps = 0.0
 
-    def add(self, diff_steps: torch.Tensor) -> None:
+    def add(self, diff_steps: torch.Tensor, at_edge: int = 0) -> None:
         self.within += int((diff_steps <= 1 + STEP_TOLERANCE).sum())
         self.total += diff_steps.numel()
+        self.at_edge += at_edge
         self.max_steps = max(self.max_steps, float(diff_steps.max()) if diff_steps.numel() else 0.0)
+
+    def merge(self, other: _Tally) -> None:
+        self.within, self.total = self.within + other.within, self.total + other.total
+        self.max_steps = max(self.max_steps, other.max_steps)
 
     @property
     def share(self) -> float:
@@ -77,8 +90,8 @@ def _activation_quantize_outputs(model: onnx.ModelProto) -> list[str]:
     return [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in const]
 
 
-def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, int]:
-    """The model with every activation QuantizeLinear output added as a graph output."""
+def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, list[str]]:
+    """The model with every activation QuantizeLinear output added as a graph output, and those outputs' names."""
     model = onnx.load(str(onnx_path))
     names = _activation_quantize_outputs(model)
     existing = {o.name for o in model.graph.output}
@@ -87,11 +100,12 @@ def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, int]:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     path = folder / "tapped.onnx"
     onnx.save(model, str(path))
-    return path, len(names)
+    return path, names
 
 
 class _Forcer:
-    """Replaces the k-th activation quantizer result with ORT's k-th tensor and tallies the code differences."""
+    """Replaces the k-th activation quantizer result with the runtime's k-th tensor and tallies the code
+    differences."""
 
     def __init__(self, codes: list[np.ndarray], tally: _Tally, per_layer: dict[str, _Tally]) -> None:
         self.codes, self.tally, self.per_layer, self.k = codes, tally, per_layer, 0
@@ -99,15 +113,21 @@ class _Forcer:
     def __call__(self, q: FakeQuantizer, y: torch.Tensor) -> torch.Tensor:
         if self.k >= len(self.codes):
             raise QatkitError("verify: PyTorch applied more quantizers than the ONNX graph holds; re-export the model")
-        ort = torch.from_numpy(self.codes[self.k].astype(np.float32))
+        codes = self.codes[self.k]
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise QatkitError(f"verify: the runtime returned {codes.dtype} for QuantizeLinear output {self.k} "
+                              f"({q.name}), not integer codes; it cannot be compared in steps")
+        got = torch.from_numpy(codes.astype(np.float32))
         self.k += 1
         scale, zp = q.scale.detach().float(), q.zero_point.detach().float()
-        if ort.shape != y.shape or scale.numel() != 1:
+        if got.shape != y.shape or scale.numel() != 1:
             raise QatkitError(f"verify: tensor {self.k - 1} ({q.name}) does not line up with the ONNX graph")
-        diff = (torch.round(y.detach() / scale) + zp - ort).abs()
+        diff = (torch.round(y.detach() / scale) + zp - got).abs()
+        beyond = diff > 1 + STEP_TOLERANCE
+        at_edge = int((beyond & ((got == q.scheme.qmin) | (got == q.scheme.qmax))).sum())
         self.tally.add(diff)
-        self.per_layer.setdefault(q.name, _Tally()).add(diff)
-        return ((ort - zp) * scale).to(y.dtype)
+        self.per_layer.setdefault(q.name, _Tally()).add(diff, at_edge)
+        return ((got - zp) * scale).to(y.dtype)
 
 
 def _output_steps(model: nn.Module, outs: list[list[torch.Tensor]]) -> list[float]:
@@ -127,67 +147,136 @@ def _as_list(out) -> list[torch.Tensor]:
     return [t.float() for t in tensors_of(out)]
 
 
+def _torch_predictor(model: nn.Module) -> Predictor:
+    def predict(images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return _as_list(model(images))
+
+    return predict
+
+
+def _metric_of(metric: Metric | None, dataset) -> Metric | None:
+    """``metric``, or for the deprecated ``dataset=`` the demo's COCO mAP evaluator on it (imported only then)."""
+    if dataset is None:
+        return metric
+    if metric is not None:
+        raise QatkitError("verify: pass either metric= or dataset=, not both (dataset= is deprecated: use metric=)")
+    warnings.warn("verify(dataset=...) is deprecated: pass metric=lambda predict: evaluate(predict, dataset)['map'] "
+                  "(qatkit.eval.detect.evaluate)", DeprecationWarning, stacklevel=3)
+    from .eval.detect import evaluate  # the demo's evaluator, an application: never imported at module level
+
+    return lambda predict: evaluate(predict, dataset)["map"]
+
+
 @torch.no_grad()
-def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, dataset=None,
-           threads: int | None = None) -> VerifyReport:
-    """Compare ``model`` (PyTorch) and ``onnx_path`` (ORT) on ``batches``; with ``dataset``, also mAP both ways."""
+def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtime: str = "onnxruntime",
+           metric: Metric | None = None, threads: int | None = None, precision: str = "f32",
+           dataset=None) -> VerifyReport:
+    """Compare ``model`` (PyTorch) with its export ``onnx_path`` run in ``runtime``, layer by layer and end to end.
+
+    Args:
+        model: the quantized (or float) PyTorch model the ONNX file was exported from; left in its train/eval mode.
+        onnx_path: the exported ONNX file.
+        batches: inputs to compare on: tensors, or tuples/dicts of them, as ``quantize``'s example inputs.
+        runtime: ``"onnxruntime"`` or ``"openvino"`` (see :mod:`qatkit.runtimes`).
+        metric: ``metric(predict) -> float`` with ``predict: images -> list of output tensors``; evaluated on the
+            PyTorch model (``torch_map``) and on the runtime (``onnx_map``).
+        threads: the runtime's threads (``None``: its default).
+        precision: float precision of the runtime's non-integer parts; ``"f32"`` unless you want to measure e.g.
+            OpenVINO's ``"bf16"``.
+        dataset: deprecated: a COCO-format dataset, scored with the demo's mAP evaluator; use ``metric``.
+
+    Returns:
+        A :class:`VerifyReport`; ``worst_layers`` names the quantizers (or float outputs) with values beyond one step,
+        ``reasons`` what each disagreement points to where that can be told.
+
+    Raises:
+        QatkitError: unknown runtime or precision, or the ONNX graph does not line up with the model (re-export).
+        DataError: ``batches`` is empty or holds non-finite values.
+
+    Example:
+        >>> report = qatkit.verify(qm, "model.qdq.onnx", batches, runtime="openvino",
+        ...                        metric=lambda predict: my_accuracy(predict, val_set))
+        >>> assert report.within_one_step >= 0.999, report.worst_layers
+    """
+    metric = _metric_of(metric, dataset)
     was_training = model.training
     model.eval()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            report = _verify(model, Path(onnx_path), batches, Path(tmp), threads)
-        if dataset is not None:
-            from .eval.detect import evaluate, torch_predictor
-
-            report.onnx_map = evaluate(predictor(session(onnx_path, threads)), dataset)["map"]
-            report.torch_map = evaluate(torch_predictor(model), dataset)["map"]
+        plain = open_runtime(onnx_path, runtime, threads=threads, precision=precision)
+        tapped, taps = plain, []
+        if hasattr(model, "_qatkit"):
+            with tempfile.TemporaryDirectory() as tmp:  # both runtimes hold the model in memory once compiled
+                tapped_path, taps = _tapped_copy(Path(onnx_path), Path(tmp))
+                tapped = open_runtime(tapped_path, runtime, threads=threads, precision=precision)
+        report = _verify(model, plain, tapped, taps, batches)
+        if metric is not None:
+            report.onnx_map = float(metric(plain.predictor()))
+            report.torch_map = float(metric(_torch_predictor(model)))
         return report
     finally:
         model.train(was_training)
 
 
-def _verify(model: nn.Module, onnx_path: Path, batches: Iterable, tmp: Path, threads: int | None) -> VerifyReport:
-    plain = session(onnx_path, threads)
+def _verify(model: nn.Module, plain: Runtime, tapped: Runtime, taps: list[str], batches: Iterable) -> VerifyReport:
     quantized = hasattr(model, "_qatkit")
-    tapped_path, n_taps = _tapped_copy(onnx_path, tmp) if quantized else (onnx_path, 0)
-    tapped = session(tapped_path, threads)
-    names = [i.name for i in plain.get_inputs()]
-    n_out = len(plain.get_outputs())
-    free, forced = [], []  # (torch outputs, ORT outputs) per batch
+    names, n_out = plain.input_names, plain.n_outputs
+    where = {name: i for i, name in enumerate(tapped.output_names)}
+    free, forced = [], []  # (torch outputs, runtime outputs) per batch
     tally, per_layer = _Tally(), {}
     identical = True
     for n, batch in enumerate(batches):
         inputs = as_inputs(batch)
         check_finite(inputs, f"verify batch {n}")
         feed = {k: t.cpu().numpy() for k, t in zip(names, inputs)}
-        ort_out = [torch.from_numpy(o) for o in plain.run(None, feed)]
-        free.append((_as_list(model(*inputs)), ort_out))
+        rt_out = [torch.from_numpy(o) for o in plain.run(feed)]
+        free.append((_as_list(model(*inputs)), rt_out))
         if quantized:
-            results = tapped.run(None, feed)
-            forcer = _Forcer(results[n_out:n_out + n_taps], tally, per_layer)
+            results = tapped.run(feed)
+            forcer = _Forcer([results[where[t]] for t in taps], tally, per_layer)
             state = quantization_state(model)
             state.tap = forcer
             try:
                 out = _as_list(model(*inputs))
             finally:
                 state.tap = None
-            if forcer.k != n_taps:
+            if forcer.k != len(taps):
                 raise QatkitError(f"verify: PyTorch applied {forcer.k} activation quantizers, the ONNX graph has "
-                                  f"{n_taps}; export the model again from this checkpoint")
+                                  f"{len(taps)}; export the model again from this checkpoint")
             forced.append((out, [torch.from_numpy(o) for o in results[:n_out]]))
-            identical &= all(torch.equal(a, b) for a, b in zip(forced[-1][1], ort_out))
+            identical &= all(torch.equal(a, b) for a, b in zip(forced[-1][1], rt_out))
     if not free:
         raise DataError("verify got no batches: pass a non-empty iterable of inputs")
     steps = _output_steps(model, [t for t, _ in free])
+    keys = quantization_state(model).outputs if quantized else []
+    float_outputs = [i for i in range(len(steps)) if i >= len(keys) or keys[i] is None]
     free_tally, out_tally = _Tally(), _Tally()
     for pairs, t in ((free, free_tally), (forced or free, out_tally)):
         for ref, got in pairs:
             for i, (r, g) in enumerate(zip(ref, got)):
-                t.add((r - g).abs() / steps[i])
+                diff = (r - g).abs() / steps[i]
+                t.add(diff)
+                if t is out_tally and quantized and i in float_outputs:  # float outputs are not among the taps
+                    per_layer.setdefault(f"output {plain.output_names[i]}", _Tally()).add(diff)
     if not quantized:
         tally = out_tally
-    elif any(k is None for k in quantization_state(model).outputs):  # float outputs are not among the taps
-        tally.within, tally.total = tally.within + out_tally.within, tally.total + out_tally.total
+    elif float_outputs:
+        tally.merge(out_tally)
     worst = sorted(((k, 1 - v.share) for k, v in per_layer.items() if v.share < 1), key=lambda kv: -kv[1])[:5]
     return VerifyReport(tally.share, out_tally.share, free_tally.share, max(tally.max_steps, out_tally.max_steps),
-                        free_tally.max_steps, tally.total, len(free), steps, worst, identical)
+                        free_tally.max_steps, tally.total, len(free), steps, worst, identical,
+                        runtime=plain.name, precision=plain.precision,
+                        reasons={k: _reason(per_layer[k], plain) for k, _ in worst})
+
+
+def _reason(t: _Tally, rt: Runtime) -> str:
+    """What a layer's disagreement beyond one step points to, from what the comparison itself saw."""
+    if rt.precision != "f32":
+        return (f"{rt.name} ran the float parts at {rt.precision} (8 or 11 mantissa bits): verify with "
+                "precision='f32' to check the integer kernels")
+    beyond = t.total - t.within
+    if beyond and t.at_edge * 2 > beyond:
+        return ("the runtime clips most of these values at the grid edge where PyTorch does not: the exported "
+                "scale/zero-point or Clip differs from the quantizer's; re-export and compare with `qatkit inspect`")
+    return (f"up to {t.max_steps:.0f} steps: {rt.name} computes the ops before this tensor differently from PyTorch "
+            "(its own fusion or approximation)")
