@@ -23,7 +23,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 ROOT = ""  # site key of the root module call (its inputs are the model inputs)
 _GRAMMAR = "module[@call] or module[@call]/op#n, e.g. 'stage1.0.conv', 'stage1.0@1', 'stage1.0/add#0'"
@@ -43,6 +43,11 @@ class Site:
     fold_into: str | None = None  # the conv site this BatchNorm is folded into
     sigmoid: str | None = None  # SiLU computed as x * q(sigmoid(x))
     relu: bool = False  # a functional SiLU computed as ReLU (recipe silu_to_relu)
+
+
+def site_table(sites: dict[str, Site]) -> dict[str, dict]:
+    """The plan as plain data (key -> Site fields), as checkpoints store and compare it."""
+    return {k: asdict(s) for k, s in sites.items()}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,63 @@
+"""Op dispatch: the torch-function mode that sees every functional op of ``forward`` and runs its site."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:
+    from .hooks import ModelHooks
+
+
+def reads_float(args, kwargs) -> bool:
+    """Whether an op call has a floating-point tensor among its (top-level or listed) arguments."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                return True
+        elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in a):
+            return True
+    return False
+
+
+class FunctionDispatch(TorchFunctionMode):
+    """Active during the root module's forward (or, after a capture fallback, inside each weighted layer).
+
+    An op inside a leaf module runs that module's site (its weight, folded BN, SiLU); an op in any other module's
+    ``forward`` gets its key from the call tracker and runs its own site, if the plan has one; the recorder, during
+    capture, sees every op.
+    """
+
+    def __init__(self, hooks: ModelHooks) -> None:
+        super().__init__()
+        self.hooks = hooks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.on_function(func, args, kwargs or {})
+
+    def on_function(self, func: Callable, args, kwargs):
+        hooks = self.hooks
+        frame = hooks.tracker.top
+        if hooks.is_paused or frame is None:
+            return func(*args, **kwargs)
+        state, run = hooks.state, hooks.run
+        if frame.leaf:
+            site = state.sites.get(frame.key)
+            return func(*args, **kwargs) if site is None else run.layer_op(site, func, args, kwargs)
+        if not reads_float(args, kwargs):
+            # integer/shape arithmetic: under torch.jit tracing (ONNX export) ``H * W`` of sizes becomes a tensor op;
+            # counting it would shift the keys of the model's real ops
+            return func(*args, **kwargs)
+        key = hooks.tracker.op_key(func)
+        hooks.check_seen(key)
+        site = state.sites.get(key)
+        if site is None:
+            out = func(*args, **kwargs)
+        else:
+            args, kwargs = run.quantize_inputs(site, (args, kwargs))
+            out = run.quantize_output(site, run.compute(site, func, args, kwargs))
+        if state.recorder is not None:
+            state.recorder.function(key, func, args, kwargs, out)
+        return out

@@ -1,0 +1,112 @@
+"""Executing one site: its quantizers applied to the tensors of one call (inputs, outputs, weight and bias)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ..bn_fold import bn_scale, fold, scale_weight, unscale_output
+from ..plan import Site
+from ..quant.quantizer import FakeQuantizer, quantize_bias
+from ..tracing import func_name
+
+if TYPE_CHECKING:
+    from .state import QuantState
+
+_WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
+
+
+class SiteExecutor:
+    """Applies sites of ``state``'s plan with ``state``'s quantizers; no knowledge of hooks or call tracking.
+
+    Example usage::
+
+        run = SiteExecutor(state)
+        args = run.quantize_inputs(site, args)         # each floating tensor input through its quantizer
+        out = run.quantize_output(site, func(*args))
+    """
+
+    def __init__(self, state: QuantState) -> None:
+        self.state = state
+
+    def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it."""
+        q = self.state.q(name)
+        y = q(x)
+        return y if self.state.tap is None else self.state.tap(q, y)
+
+    def quantize_inputs(self, site: Site, tree):
+        """The site's input quantizers on the floating tensors of ``tree``, counted in flattening order."""
+        leaves, spec = tree_flatten(tree)
+        idx = 0
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                key = site.inputs.get(idx)
+                if key is not None and leaf.is_floating_point():
+                    leaves[i] = self.act(key, leaf)
+                idx += 1
+        return tree_unflatten(leaves, spec)
+
+    def quantize_output(self, site: Site, out):
+        """The site's output quantizer; while BN is live, a conv's moves to the output of its BatchNorm."""
+        key = site.output
+        if self.state.bn_live and (site.fold_bn is not None or site.fold_into is not None):
+            key = None if site.fold_bn is not None else self.state.sites[site.fold_into].output
+        if key is None:
+            return out
+        return tree_map(lambda t: self.act(key, t) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                        else t, out)
+
+    def silu(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """SiLU as ``x * q(sigmoid(x))``, as the exported graph computes it."""
+        return x * self.act(site.sigmoid, torch.sigmoid(x))
+
+    def compute(self, site: Site, func: Callable, args, kwargs):
+        """A functional op at ``site`` on already quantized inputs: a folded BatchNorm, SiLU as ReLU or decomposed."""
+        if site.identity and not self.state.bn_live:  # a functional batch_norm folded into the conv before it
+            return args[0]
+        if site.relu:
+            return torch.relu(args[0])
+        if site.sigmoid is not None:
+            return self.silu(site, args[0])
+        return func(*args, **kwargs)
+
+    def layer_op(self, site: Site, func: Callable, args, kwargs):
+        """The one op inside a leaf module: quantized weight/bias, folded BN, decomposed SiLU."""
+        name = func_name(func)
+        if site.identity and name == "batch_norm" and not self.state.bn_live:
+            return args[0]
+        if site.sigmoid is not None and name == "silu":
+            return self.silu(site, args[0])
+        if site.weight is not None and name in _WEIGHT_OPS:
+            return self._weighted(site, func, list(args), kwargs)
+        return func(*args, **kwargs)
+
+    def _weighted(self, site: Site, func: Callable, args: list, kwargs: dict):
+        """conv/linear with its weight quantized (BatchNorm folded in) and its bias on the int32 grid."""
+        bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
+        wq = self.state.q(site.weight)
+        if site.fold_bn is not None and self.state.bn_live:
+            return self._live_fold(site, wq, func, args, kwargs, bias)
+        weight = args[1]
+        if site.fold_bn is not None:
+            weight, bias = fold(weight, bias, self.state.module(site.fold_bn))
+        args[1] = wq(weight)
+        if bias is not None and site.bias_from is not None:
+            bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
+        if len(args) > 2:
+            args[2] = bias
+        else:
+            kwargs["bias"] = bias
+        return func(*args, **kwargs)
+
+    def _live_fold(self, site: Site, wq: FakeQuantizer, func: Callable, args: list, kwargs: dict, bias):
+        """BN in train mode: the folded weight is quantized, the scaling divided back out (qatkit.bn_fold)."""
+        factor = bn_scale(self.state.module(site.fold_bn))
+        args[1] = wq(scale_weight(args[1], factor))
+        if len(args) > 2:
+            args[2] = None
+        kwargs.pop("bias", None)
+        return unscale_output(func(*args, **kwargs), factor, bias)

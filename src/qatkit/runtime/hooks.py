@@ -1,0 +1,141 @@
+"""Hooks: forward (pre-)hooks on every submodule keep track of module calls and quantize leaf inputs/outputs."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..errors import QatkitWarning
+from ..plan import ROOT, module_of
+from ..tracing import CallTracker
+from .dispatch import FunctionDispatch
+from .execute import SiteExecutor
+
+if TYPE_CHECKING:
+    from .state import QuantState
+
+
+class ModelHooks:
+    """The hooks ``state`` installs on ``root`` and everything they share during one forward.
+
+    The root's pre-hook starts a forward (quantized model inputs, the function mode entered), each submodule's hooks
+    push/pop the call tracker and run leaf sites, and the root's post-hook ends it. ``state.recorder``, during
+    capture, is told about the model inputs, every leaf call and the model outputs.
+
+    Example usage::
+
+        hooks = ModelHooks(state, model)   # installed
+        model(x)
+        hooks.remove()
+    """
+
+    def __init__(self, state: QuantState, root: nn.Module) -> None:
+        self.state, self.root = state, root
+        self.tracker = CallTracker(root)
+        self.run = SiteExecutor(state)
+        self._handles: list = []
+        self._mode: FunctionDispatch | None = None
+        self._active = False  # inside the root module's forward
+        self._paused = False
+        self._warned = False
+        own = {id(m) for m in state.modules()}
+        self._handles.append(root.register_forward_pre_hook(self._root_pre))
+        self._handles.append(root.register_forward_hook(self._root_post, always_call=True))
+        for _, module in root.named_modules():
+            if module is root or id(module) in own:
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._module_pre))
+            self._handles.append(module.register_forward_hook(self._module_post, always_call=True))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Quantizer calls made from hooks are qatkit's own ops, not the model's: don't count them."""
+        prev, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = prev
+
+    @property
+    def is_paused(self) -> bool:
+        return self._paused
+
+    def check_seen(self, key: str) -> None:
+        """Warn once when an op runs that capture never saw: it has no quantizer, so it runs float."""
+        state = self.state
+        if state.known and key not in state.known and not self._warned and state.recorder is None:
+            self._warned = True
+            warnings.warn(f"qatkit: '{key}' did not run when the model was captured (control flow that depends on "
+                          "the input or on train/eval mode), so it runs float; capture with example inputs that take "
+                          "this path to quantize it", QatkitWarning, stacklevel=4)
+
+    def _enter_mode(self) -> None:
+        self._mode = FunctionDispatch(self)
+        self._mode.__enter__()
+
+    def _exit_mode(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+
+    def _root_pre(self, module: nn.Module, args):
+        self.tracker.reset()
+        self.tracker.push(module)
+        if self.state.recorder is not None:
+            self.state.recorder.inputs(args)
+        site = self.state.sites.get(ROOT)
+        if site is not None and site.inputs:
+            with self.paused():
+                args = self.run.quantize_inputs(site, args)
+        self._active = True
+        if self.state.functional:
+            self._enter_mode()
+        return args
+
+    def _root_post(self, module: nn.Module, args, output):
+        self._active = False
+        self._exit_mode()
+        self.tracker.reset()
+        if self.state.recorder is not None:
+            self.state.recorder.model_outputs(output)
+        return output
+
+    def _module_pre(self, module: nn.Module, args):
+        if not self._active:  # called outside the root's forward: plain float module
+            return None
+        frame = self.tracker.push(module)
+        if not frame.leaf:
+            return None
+        self.check_seen(frame.key)
+        if self.state.recorder is not None:
+            self.state.recorder.module_call(frame.key, module_of(frame.key), module, args)
+        site = self.state.sites.get(frame.key)
+        if not self.state.functional and site is not None and site.weight is not None:
+            self._enter_mode()  # capture fallback: the mode runs only inside this layer, for its weight
+        if site is not None and site.inputs:
+            with self.paused():
+                return self.run.quantize_inputs(site, args)
+        return None
+
+    def _module_post(self, module: nn.Module, args, output):
+        if not self._active or not self.tracker.stack:
+            return output
+        frame = self.tracker.pop()
+        if frame.leaf:
+            if not self.state.functional:
+                self._exit_mode()
+            site = self.state.sites.get(frame.key)
+            if site is not None and (site.output is not None or site.fold_into is not None):
+                with self.paused():
+                    output = self.run.quantize_output(site, output)
+            if self.state.recorder is not None:
+                self.state.recorder.module_return(frame.key, output)
+        return output
