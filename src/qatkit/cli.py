@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                         "+ AIMET-style .encodings beside it (Qualcomm QNN/SNPE), see docs/targets.md")
     p.add_argument("--out", help="ONNX file (default runs/demo/model.qdq.onnx, or runs/demo/model.onnx with "
                                  "--format encodings)")
+    p.add_argument("--unsigned-activations", action="store_true",
+                   help="write signed activation grids on the equivalent uint8 grid (zero point + 128, same values): "
+                        "for OpenVINO, which miscomputes some signed-int8 graphs (docs/openvino.md); not for TensorRT")
     p = sub.add_parser("inspect", help="table of quantizers and a placement lint, for a checkpoint or an ONNX file")
     p.add_argument("path", help="a qatkit checkpoint (.pt) or an exported ONNX model (.onnx)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the lint finds anything")
@@ -240,7 +243,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         else:
             from .export import export_onnx
 
-            print(f"wrote {export_onnx(qm, example, args.out or 'runs/demo/model.qdq.onnx')}")
+            path = export_onnx(qm, example, args.out or "runs/demo/model.qdq.onnx",
+                               unsigned_activations=args.unsigned_activations)
+            print(f"wrote {path}")
     elif cmd == "sensitivity":
         _sensitivity(args, cfg, stages, train, val)
     elif cmd == "verify":

@@ -19,14 +19,32 @@ from .errors import NotCalibratedError
 from .capture import tensors_of
 from .quantize import as_inputs
 from .export_int16 import widen_int16
+from .unsigned_activations import to_unsigned_activations
 from .quant.quantizer import INT16_DOMAIN
 
 OPSET = 17
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: int = OPSET,
-                dynamic_batch: bool = True) -> Path:
-    """Write ``model`` (quantized or float) to ``path`` as ONNX and check it; returns the path."""
+                dynamic_batch: bool = True, unsigned_activations: bool = False) -> Path:
+    """Write ``model`` (quantized or float) to ``path`` as ONNX and check it; returns the path.
+
+    Args:
+        model: a calibrated quantized model (or a float one).
+        example_inputs: a tensor or tuple of tensors the model's forward takes.
+        path: the ONNX file to write (atomically).
+        opset: ONNX opset (16-bit grids raise it to 21, see qatkit.export_int16).
+        dynamic_batch: the batch dimension of inputs and outputs is symbolic.
+        unsigned_activations: write signed activation grids on the equivalent unsigned container (int8 zero point
+            z -> uint8 z + 128: the same real values). For OpenVINO, which miscomputes some signed-int8 activation
+            graphs (docs/openvino.md); not for TensorRT, which wants zero point 0.
+
+    Raises:
+        NotCalibratedError: a quantizer has no scale yet.
+
+    Example:
+        >>> qatkit.export_onnx(qm, (torch.rand(1, 3, 640, 640),), "model.qdq.onnx")
+    """
     if hasattr(model, "_qatkit"):
         missing = uncalibrated(model)
         if missing:
@@ -54,7 +72,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
         state = getattr(model, "_qatkit", None)
         if state is not None:
             _finish(tmp, {"qatkit.recipe": state.recipe.get("name", "custom"),
-                          "qatkit.float_layers": json.dumps(state.float_layers)})
+                          "qatkit.float_layers": json.dumps(state.float_layers)}, unsigned_activations)
         onnx.checker.check_model(str(tmp))
         tmp.replace(path)
     finally:
@@ -69,12 +87,15 @@ def _has_int16(model: nn.Module) -> bool:
     return state is not None and any(q.scheme.container_bits == 16 for q in state.quantizers.values())
 
 
-def _finish(path: Path, props: dict[str, str]) -> None:
-    """Add what ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes, and turn
-    16-bit Q/DQ stand-ins into standard opset-21 nodes (qatkit.export_int16); one load and save."""
+def _finish(path: Path, props: dict[str, str], unsigned_activations: bool) -> None:
+    """Add what ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes, turn
+    16-bit Q/DQ stand-ins into standard opset-21 nodes (qatkit.export_int16) and, if asked, put signed activation
+    grids on unsigned containers (qatkit.unsigned_activations); one load and save."""
     model = onnx.load(str(path))
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model = widen_int16(model)
+    if unsigned_activations:
+        to_unsigned_activations(model)
     onnx.save(model, str(path))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import torch
 from torch import nn
 
@@ -83,32 +84,36 @@ class _Tally:
         return self.within / max(self.total, 1)
 
 
-def _activation_quantize_outputs(model: onnx.ModelProto) -> list[str]:
-    """Outputs of QuantizeLinear nodes on activations (weights are stored as integers, not quantized in-graph)."""
-    const = {t.name for t in model.graph.initializer}
-    const |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in const]
+def _activation_quantizers(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    """(output, zero point) of each QuantizeLinear on an activation (weights are integer constants, not quantized
+    in-graph). The zero point is read from the graph: an export with ``unsigned_activations`` shifts it."""
+    const = {t.name: t for t in model.graph.initializer}
+    const |= {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute}
+    return [(n.output[0], int(numpy_helper.to_array(const[n.input[2]]).reshape(-1)[0]) if len(n.input) > 2 else 0)
+            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in const]
 
 
-def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, list[str]]:
-    """The model with every activation QuantizeLinear output added as a graph output, and those outputs' names."""
+def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, list[tuple[str, int]]]:
+    """The model with every activation QuantizeLinear output added as a graph output, and (name, zero point) of
+    those outputs."""
     model = onnx.load(str(onnx_path))
-    names = _activation_quantize_outputs(model)
+    taps = _activation_quantizers(model)
     existing = {o.name for o in model.graph.output}
-    for name in names:
+    for name, _ in taps:
         if name not in existing:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     path = folder / "tapped.onnx"
     onnx.save(model, str(path))
-    return path, names
+    return path, taps
 
 
 class _Forcer:
     """Replaces the k-th activation quantizer result with the runtime's k-th tensor and tallies the code
     differences."""
 
-    def __init__(self, codes: list[np.ndarray], tally: _Tally, per_layer: dict[str, _Tally]) -> None:
-        self.codes, self.tally, self.per_layer, self.k = codes, tally, per_layer, 0
+    def __init__(self, codes: list[np.ndarray], zero_points: list[int], tally: _Tally,
+                 per_layer: dict[str, _Tally]) -> None:
+        self.codes, self.zero_points, self.tally, self.per_layer, self.k = codes, zero_points, tally, per_layer, 0
 
     def __call__(self, q: FakeQuantizer, y: torch.Tensor) -> torch.Tensor:
         if self.k >= len(self.codes):
@@ -117,9 +122,10 @@ class _Forcer:
         if not np.issubdtype(codes.dtype, np.integer):
             raise QatkitError(f"verify: the runtime returned {codes.dtype} for QuantizeLinear output {self.k} "
                               f"({q.name}), not integer codes; it cannot be compared in steps")
-        got = torch.from_numpy(codes.astype(np.float32))
-        self.k += 1
         scale, zp = q.scale.detach().float(), q.zero_point.detach().float()
+        # the graph's codes on the quantizer's own grid (they differ by a constant when exported unsigned)
+        got = torch.from_numpy(codes.astype(np.float32)) - (self.zero_points[self.k] - zp)
+        self.k += 1
         if got.shape != y.shape or scale.numel() != 1:
             raise QatkitError(f"verify: tensor {self.k - 1} ({q.name}) does not line up with the ONNX graph")
         diff = (torch.round(y.detach() / scale) + zp - got).abs()
@@ -218,7 +224,8 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtim
         model.train(was_training)
 
 
-def _verify(model: nn.Module, plain: Runtime, tapped: Runtime, taps: list[str], batches: Iterable) -> VerifyReport:
+def _verify(model: nn.Module, plain: Runtime, tapped: Runtime, taps: list[tuple[str, int]],
+            batches: Iterable) -> VerifyReport:
     quantized = hasattr(model, "_qatkit")
     names, n_out = plain.input_names, plain.n_outputs
     where = {name: i for i, name in enumerate(tapped.output_names)}
@@ -233,7 +240,7 @@ def _verify(model: nn.Module, plain: Runtime, tapped: Runtime, taps: list[str], 
         free.append((_as_list(model(*inputs)), rt_out))
         if quantized:
             results = tapped.run(feed)
-            forcer = _Forcer([results[where[t]] for t in taps], tally, per_layer)
+            forcer = _Forcer([results[where[t]] for t, _ in taps], [z for _, z in taps], tally, per_layer)
             state = quantization_state(model)
             state.tap = forcer
             try:
