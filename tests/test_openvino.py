@@ -166,6 +166,7 @@ def test_openvino_still_miscomputes_the_signed_export(demo):
     """The OpenVINO defect behind unsigned_activations: when this fails, OpenVINO fixed it; update docs/openvino.md."""
     ov = qatkit.verify(demo.net, demo.path, demo.data, runtime="openvino")
     assert ov.within_one_step < 0.999 and ov.worst_layers and set(ov.reasons) == {k for k, _ in ov.worst_layers}
+    assert all("unsigned_activations=True" in why for why in ov.reasons.values()), ov.reasons  # names the fix
 
 
 def test_metric_is_computed_on_pytorch_and_on_the_runtime(demo, shapes):

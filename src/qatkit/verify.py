@@ -84,18 +84,19 @@ class _Tally:
         return self.within / max(self.total, 1)
 
 
-def _activation_quantizers(model: onnx.ModelProto) -> list[tuple[str, int]]:
+def _activation_quantizers(model: onnx.ModelProto) -> list[tuple[str, np.ndarray]]:
     """(output, zero point) of each QuantizeLinear on an activation (weights are integer constants, not quantized
     in-graph). The zero point is read from the graph: an export with ``unsigned_activations`` shifts it."""
     const = {t.name: t for t in model.graph.initializer}
     const |= {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute}
-    return [(n.output[0], int(numpy_helper.to_array(const[n.input[2]]).reshape(-1)[0]) if len(n.input) > 2 else 0)
-            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in const]
+    return [(n.output[0], numpy_helper.to_array(const[n.input[2]]).reshape(-1)[:1] if len(n.input) > 2
+             else np.zeros(1, np.uint8)) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in const]
 
 
-def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, list[tuple[str, int]]]:
-    """The model with every activation QuantizeLinear output added as a graph output, and (name, zero point) of
-    those outputs."""
+def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, list[tuple[str, int]], bool]:
+    """The model with every activation QuantizeLinear output added as a graph output; (name, zero point) of those
+    outputs; whether any of them is on a signed container."""
     model = onnx.load(str(onnx_path))
     taps = _activation_quantizers(model)
     existing = {o.name for o in model.graph.output}
@@ -104,7 +105,8 @@ def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, list[tuple[str, i
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     path = folder / "tapped.onnx"
     onnx.save(model, str(path))
-    return path, taps
+    signed = any(np.issubdtype(zp.dtype, np.signedinteger) for _, zp in taps)
+    return path, [(name, int(zp[0])) for name, zp in taps], signed
 
 
 class _Forcer:
@@ -210,12 +212,12 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtim
     model.eval()
     try:
         plain = open_runtime(onnx_path, runtime, threads=threads, precision=precision)
-        tapped, taps = plain, []
+        tapped, taps, signed = plain, [], False
         if hasattr(model, "_qatkit"):
             with tempfile.TemporaryDirectory() as tmp:  # both runtimes hold the model in memory once compiled
-                tapped_path, taps = _tapped_copy(Path(onnx_path), Path(tmp))
+                tapped_path, taps, signed = _tapped_copy(Path(onnx_path), Path(tmp))
                 tapped = open_runtime(tapped_path, runtime, threads=threads, precision=precision)
-        report = _verify(model, plain, tapped, taps, batches)
+        report = _verify(model, plain, tapped, taps, batches, signed)
         if metric is not None:
             report.onnx_map = float(metric(plain.predictor()))
             report.torch_map = float(metric(_torch_predictor(model)))
@@ -225,7 +227,7 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtim
 
 
 def _verify(model: nn.Module, plain: Runtime, tapped: Runtime, taps: list[tuple[str, int]],
-            batches: Iterable) -> VerifyReport:
+            batches: Iterable, signed: bool) -> VerifyReport:
     quantized = hasattr(model, "_qatkit")
     names, n_out = plain.input_names, plain.n_outputs
     where = {name: i for i, name in enumerate(tapped.output_names)}
@@ -273,11 +275,14 @@ def _verify(model: nn.Module, plain: Runtime, tapped: Runtime, taps: list[tuple[
     return VerifyReport(tally.share, out_tally.share, free_tally.share, max(tally.max_steps, out_tally.max_steps),
                         free_tally.max_steps, tally.total, len(free), steps, worst, identical,
                         runtime=plain.name, precision=plain.precision,
-                        reasons={k: _reason(per_layer[k], plain) for k, _ in worst})
+                        reasons={k: _reason(per_layer[k], plain, signed) for k, _ in worst})
 
 
-def _reason(t: _Tally, rt: Runtime) -> str:
+def _reason(t: _Tally, rt: Runtime, signed: bool) -> str:
     """What a layer's disagreement beyond one step points to, from what the comparison itself saw."""
+    if rt.name == "openvino" and signed and rt.precision == "f32":
+        return ("OpenVINO miscomputes some signed-int8 activation graphs (CSP concats, docs/openvino.md): export the "
+                "file for OpenVINO with unsigned_activations=True (qatkit export --unsigned-activations)")
     if rt.precision != "f32":
         return (f"{rt.name} ran the float parts at {rt.precision} (8 or 11 mantissa bits): verify with "
                 "precision='f32' to check the integer kernels")
