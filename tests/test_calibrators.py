@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from qatkit.quant import mse_search
 from qatkit.quant.calibrators import (
     CALIBRATORS,
     CalibrationError,
@@ -15,6 +16,7 @@ from qatkit.quant.calibrators import (
     make_calibrator,
     range_to_qparams,
 )
+from qatkit.quant.histogram import bin_counts, expected_sq_error
 
 INT8 = {"qmin": -128, "qmax": 127}
 UINT8 = {"qmin": 0, "qmax": 255}
@@ -175,6 +177,17 @@ def test_histogram_growth_matches_single_batch():
         assert g.item() == pytest.approx(o.item(), abs=width)
 
 
+@pytest.mark.parametrize("lo, hi", [(-1.0, 1.0), (0.0, 3.0), (-123.456, 0.001), (1e-7, 1.0000001e-7), (0.0, 1e-30)])
+def test_bin_counts_equal_histc(lo, hi):
+    # values on, just above and just below every float32 bin edge, mid-bin, hi itself, and random ones
+    edges = torch.linspace(lo, hi, 2049)
+    up, down = torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)
+    spread = torch.rand(50000) * (edges[-1] - edges[0]) + edges[0]
+    x = torch.cat([edges, (edges[:-1] + edges[1:]) / 2, up, down, spread])
+    x = x[(x >= edges[0]) & (x <= edges[-1])]
+    assert torch.equal(bin_counts(x, 2048, lo, hi), torch.histc(x, 2048, lo, hi).double())
+
+
 def test_percentile_rejects_per_channel():
     with pytest.raises(ValueError, match="per-tensor only.*max"):
         make_calibrator("percentile", **INT8, symmetric=True, axis=0)
@@ -202,6 +215,95 @@ def test_mse_ignores_outlier_and_beats_max(symmetric, qmin, qmax):
             best = min(fq_mse(x, -a, a, qmin, qmax, True) for a in torch.linspace(0.05, 50, 500).tolist())
             assert err <= best * 1.01
     # (8 bits: 1e4 values are too few for clipping a 50-sigma outlier to pay; MSE keeps ~max)
+
+
+# ---------------------------------------------------------------- mse search vs brute force
+def _score(edges: list, counts: torch.Tensor, lo: float, hi: float, qmin: int, qmax: int, sym: bool) -> float:
+    """expected_sq_error of one candidate range (one row), from its real qparams."""
+    scale, zp = range_to_qparams(lo, hi, qmin, qmax, sym)
+    s, z = float(scale), float(zp)
+    s_lo_hi = [torch.tensor([[v]], dtype=torch.float64) for v in (s, (qmin - z) * s, (qmax - z) * s)]
+    return float(expected_sq_error(torch.tensor(edges, dtype=torch.float64), counts, *s_lo_hi))
+
+
+def _first_best(cands: list, edges: list, counts: torch.Tensor, grid: dict, sym: bool) -> int:
+    errors = [_score(edges, counts, lo, hi, **grid, sym=sym) for lo, hi in cands]
+    return errors.index(min(errors))  # the first of equals, as the search
+
+
+def _f32(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def brute_force_mse_range(c: Calibrator) -> tuple[float, float]:
+    """MSECalibrator's documented search, one candidate at a time in plain loops (no blocks, no dedup)."""
+    h, grid = c.hist, {"qmin": c.qmin, "qmax": c.qmax}
+    group = h.bins // 512 if h.bins % 512 == 0 else 1
+    edges, counts = h.edges()[::group].tolist(), h.counts.view(-1, group).sum(1)
+    if c.symmetric:  # every stride-th edge below amax (plus amax), then every edge around the best
+        amax = max(-h.min, h.max)
+        cand = [e for e in edges[1:] if e < amax] + [amax]
+        stride = -(-len(cand) // 256)
+        coarse = list(range(0, len(cand) - 1, stride)) + [len(cand) - 1]
+
+        def ranges(indices) -> list:
+            return [(0.0 if c.qmin >= 0 else -_f32(cand[i]), _f32(cand[i])) for i in indices]
+
+        b = coarse[_first_best(ranges(coarse), edges, counts, grid, True)]
+        fine = ranges(range(max(b - stride + 1, 0), min(b + stride, len(cand))))
+        return fine[_first_best(fine, edges, counts, grid, True)]
+    # affine: grid x grid fractions of (min, max), then 9 x 9 points between the best one's neighbours
+    fracs = torch.linspace(1.0 / c.options["grid"], 1.0, c.options["grid"], dtype=torch.float64)
+    lo_c = (fracs * h.min).tolist() if h.min < 0 else [0.0]
+    hi_c = (fracs * h.max).tolist() if h.max > 0 else [0.0]
+    bi, bj = divmod(_first_best([(lo, hi) for lo in lo_c for hi in hi_c], edges, counts, grid, False), len(hi_c))
+
+    def around(values: list, i: int) -> list:
+        return torch.linspace(values[max(i - 1, 0)], values[min(i + 1, len(values) - 1)], 9,
+                              dtype=torch.float64).tolist()
+
+    fine = [(lo, hi) for lo in around(lo_c, bi) for hi in around(hi_c, bj)]
+    lo, hi = fine[_first_best(fine, edges, counts, grid, False)]
+    return _f32(lo), _f32(hi)
+
+
+def _laplace_outliers() -> list[torch.Tensor]:
+    x = torch.distributions.Laplace(0.0, 1.0).sample((20000,))
+    x[:4] = torch.tensor([40.0, -25.0, 31.0, -60.0])
+    return [x[:10000], 3 * x[10000:]]  # the second batch grows the histogram: counts re-binned
+
+
+MSE_CASES = {  # name: (batches, grid, symmetric, bins)
+    "gaussian-uint8-affine": (lambda: [torch.randn(20000)], UINT8, False, 2048),
+    "gaussian-int8-sym": (lambda: [torch.randn(20000)], INT8, True, 2048),
+    "laplace-outliers-uint8-affine": (_laplace_outliers, UINT8, False, 2048),
+    "laplace-outliers-int4-sym": (_laplace_outliers, {"qmin": -8, "qmax": 7}, True, 512),
+    "laplace-outliers-uint4-affine": (_laplace_outliers, {"qmin": 0, "qmax": 15}, False, 512),
+    "relu-uint8-affine": (lambda: [torch.relu(torch.randn(20000))], UINT8, False, 2048),
+    "relu-uint8-sym": (lambda: [torch.relu(torch.randn(20000))], UINT8, True, 512),
+    "constant-uint8-affine": (lambda: [torch.full((500,), 3.0)], UINT8, False, 512),
+    "constant-int8-sym": (lambda: [torch.full((500,), -3.0)], INT8, True, 512),
+    "laplace-uint16-affine": (_laplace_outliers, {"qmin": 0, "qmax": 65535}, False, 512),
+    "relu-uint16-sym": (lambda: [torch.relu(torch.randn(20000))], {"qmin": 0, "qmax": 65535}, True, 512),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MSE_CASES))
+def test_mse_search_equals_brute_force(case, monkeypatch):
+    make, grid, symmetric, bins = MSE_CASES[case]
+    torch.manual_seed(0)
+    batches = make()
+    c = make_calibrator("mse", **grid, symmetric=symmetric, bins=bins)
+    for t in batches:
+        c.observe(t)
+    lo, hi = c.compute_range()
+    if c.hist.hi <= c.hist.lo:  # degenerate (constant affine tensor): the max range, no search
+        assert pair(lo, hi) == (0.0, 3.0)
+        return
+    assert (lo.item(), hi.item()) == brute_force_mse_range(c)
+    for block in (512, 1 << 20):  # rows reduce alone: the evaluation block changes nothing
+        monkeypatch.setattr(mse_search, "BLOCK_ELEMS", block)
+        assert torch.equal(torch.stack(c.compute_range()), torch.stack([lo, hi]))
 
 
 # ---------------------------------------------------------------- entropy

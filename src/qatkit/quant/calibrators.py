@@ -5,7 +5,8 @@ that turns a range into ``(scale, zero_point)``.  The MSE search uses that same
 function, so the error it minimises is the error of the grid the quantizer will build.
 
 Histogram-based methods (percentile, mse, entropy) share :class:`~qatkit.quant.histogram.Histogram`, whose
-memory is bounded (``bins`` float64 counts) however many batches are observed.
+memory is bounded (``bins`` float64 counts) however many batches are observed. The MSE search lives in
+:mod:`~qatkit.quant.mse_search`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import torch
 from torch import Tensor
 
 from ..distributed import reduce_minmax, reduce_sum_
-from .histogram import Histogram, expected_sq_error
+from .histogram import Histogram
+from .mse_search import BLOCK_ELEMS, affine_search, amax_range, search_view, symmetric_search
 from .qparams import CalibrationError, range_to_qparams
 
 __all__ = ["CALIBRATORS", "CalibrationError", "Calibrator", "EMACalibrator", "EntropyCalibrator",
            "MSECalibrator", "MaxCalibrator", "PercentileCalibrator", "make_calibrator", "range_to_qparams"]
 
-_CHUNK_ELEMS = 1 << 20  # candidates x bins evaluated at once in the searches (~8 MB per temporary)
 _Option = tuple[Any, Callable[[Any], bool], str]  # default, validity check, what valid means
 
 class Calibrator:
@@ -66,12 +67,14 @@ class Calibrator:
         if x.numel() == 0:
             raise CalibrationError("cannot calibrate on an empty tensor")
         x = x.detach()
-        # one reduction instead of isfinite().all(): NaN propagates through aminmax and Inf shows as the extreme
-        if not all(math.isfinite(float(v)) for v in torch.aminmax(x)):
+        # one reduction instead of isfinite().all(): NaN propagates through aminmax and Inf shows as the extreme;
+        # the same extremes then serve the statistics (one pass over x, one host sync)
+        extremes = torch.stack(torch.aminmax(x)).to(torch.float32)
+        if not all(math.isfinite(v) for v in extremes.tolist()):
             n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
             raise CalibrationError(f"observed tensor contains non-finite values ({n_nan} NaN, "
                                    f"{n_inf} Inf of {x.numel()})")
-        self._observe(x.to(torch.float32))
+        self._observe(x.to(torch.float32), extremes)
         self._num_batches += 1
 
     def synchronize(self) -> None:
@@ -118,8 +121,7 @@ class Calibrator:
     # -- helpers shared by subclasses ----------------------------------------------
     def _range_from_amax(self, amax: Tensor) -> tuple[Tensor, Tensor]:
         """Symmetric range: (-amax, amax) on signed grids, (0, amax) on unsigned ones."""
-        amax = amax.to(torch.float32)
-        return (torch.zeros_like(amax) if self.qmin >= 0 else -amax), amax
+        return amax_range(amax, self.qmin)
 
     def _range_from_minmax(self, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
         mn, mx = mn.to(torch.float32), mx.to(torch.float32)
@@ -131,7 +133,8 @@ class Calibrator:
     def _clear(self) -> None:
         raise NotImplementedError
 
-    def _observe(self, x: Tensor) -> None:
+    def _observe(self, x: Tensor, extremes: Tensor) -> None:
+        """Accumulate ``x`` (float32); ``extremes`` = ``[min, max]`` of this rank's ``x`` (not yet reduced)."""
         raise NotImplementedError
 
     def _compute_range(self) -> tuple[Tensor, Tensor]:
@@ -153,9 +156,9 @@ class MaxCalibrator(Calibrator):
         self.min_val: Tensor | None = None
         self.max_val: Tensor | None = None
 
-    def _batch_minmax(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _batch_minmax(self, x: Tensor, extremes: Tensor) -> tuple[Tensor, Tensor]:
         if self.axis is None:
-            return torch.aminmax(x)
+            return extremes[0], extremes[1]
         if x.dim() == 0:
             raise CalibrationError(f"per-channel calibration (axis={self.axis}) needs a tensor with dims, got a scalar")
         if not -x.dim() <= self.axis < x.dim():
@@ -168,10 +171,10 @@ class MaxCalibrator(Calibrator):
                                    f"{self.min_val.shape[0]} before, {flat.shape[0]} now")
         return torch.aminmax(flat, dim=1)
 
-    def _observe(self, x: Tensor) -> None:
+    def _observe(self, x: Tensor, extremes: Tensor) -> None:
         if self.min_val is not None:
-            x = x.to(self.min_val.device)
-        bmin, bmax = reduce_minmax(*self._batch_minmax(x))  # over all ranks (qatkit.distributed)
+            x, extremes = x.to(self.min_val.device), extremes.to(self.min_val.device)
+        bmin, bmax = reduce_minmax(*self._batch_minmax(x, extremes))  # over all ranks (qatkit.distributed)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = bmin.clone(), bmax.clone()
         else:
@@ -223,10 +226,10 @@ class _HistogramCalibrator(Calibrator):
     def _clear(self) -> None:
         self.hist = Histogram(self.options["bins"], self._absolute())
 
-    def _observe(self, x: Tensor) -> None:
+    def _observe(self, x: Tensor, extremes: Tensor) -> None:
         if self.hist.counts is not None:
-            x = x.to(self.hist.counts.device)
-        self.hist.add(x.reshape(-1))
+            x, extremes = x.to(self.hist.counts.device), extremes.to(self.hist.counts.device)
+        self.hist.add(x.reshape(-1), extremes)
 
     def _state(self) -> dict[str, Tensor]:
         return self.hist.state()
@@ -267,66 +270,23 @@ class MSECalibrator(_HistogramCalibrator):
     the max), coarse-to-fine: every ``stride``-th edge (<= 256 candidates), then every
     edge around the best.  Affine: 2-D search over ``grid`` x ``grid`` fractions of the
     observed min and max, then a 9 x 9 grid between the best point's neighbours.
-    Candidates go through :func:`range_to_qparams`, so zero-point rounding is included.
+    Candidates go through :func:`range_to_qparams`, so zero-point rounding is included
+    (:mod:`~qatkit.quant.mse_search`).
     For symmetric signed grids the |x| histogram assumes negatives clip at -amax (int8
     can reach -128*scale), which slightly over-penalises clipping.
     """
 
     method = "mse"
     OPTIONS = {"bins": _BINS_OPTION, "grid": (16, lambda g: g >= 2, "an integer >= 2")}
-    _COARSE = 256  # symmetric candidates in the first pass
-    _REFINE = 9  # affine refinement points per axis
-    _SEARCH_BINS = 512
 
     def _compute_range(self) -> tuple[Tensor, Tensor]:
         h = self.hist
         if h.hi <= h.lo:
             return self._observed_range()
-        # search on a 512-bin view: 4x less work, and a quarter-bin of 2048 is far below one int8 step
-        group = max(h.bins // self._SEARCH_BINS, 1) if h.bins % self._SEARCH_BINS == 0 else 1
-        edges, counts = h.edges()[::group], h.counts.view(-1, group).sum(1)
+        edges, counts = search_view(h)
         if self.symmetric:
-            amax = max(-h.min, h.max)
-            cand = torch.cat([edges[1:][edges[1:] < amax], edges.new_tensor([amax])])
-            stride = -(-cand.numel() // self._COARSE)
-            coarse = torch.cat([torch.arange(0, cand.numel() - 1, stride), torch.tensor([cand.numel() - 1])])
-            b = int(coarse[self._argmin(*self._range_from_amax(cand[coarse.to(cand.device)]), edges, counts)])
-            fine = cand[max(b - stride + 1, 0):b + stride]
-            lo, hi = self._range_from_amax(fine)
-        else:
-            fracs = torch.linspace(1.0 / self.options["grid"], 1.0, self.options["grid"],
-                                   dtype=torch.float64, device=edges.device)
-            lo_c = fracs * h.min if h.min < 0 else fracs.new_zeros(1)
-            hi_c = fracs * h.max if h.max > 0 else fracs.new_zeros(1)
-            b = self._argmin(*self._product(lo_c, hi_c), edges, counts)
-            bi, bj = divmod(b, hi_c.numel())
-            lo, hi = self._product(self._between(lo_c, bi), self._between(hi_c, bj))
-        best = self._argmin(lo, hi, edges, counts)
-        return lo[best].to(torch.float32), hi[best].to(torch.float32)
-
-    @staticmethod
-    def _product(lo_c: Tensor, hi_c: Tensor) -> tuple[Tensor, Tensor]:
-        lo, hi = torch.meshgrid(lo_c, hi_c, indexing="ij")
-        return lo.reshape(-1), hi.reshape(-1)
-
-    def _between(self, values: Tensor, i: int) -> Tensor:
-        """Refinement points spanning the neighbours of ``values[i]``."""
-        last = values.numel() - 1
-        return torch.linspace(float(values[max(i - 1, 0)]), float(values[min(i + 1, last)]), self._REFINE,
-                              dtype=values.dtype, device=values.device)
-
-    def _argmin(self, lo: Tensor, hi: Tensor, edges: Tensor, counts: Tensor) -> int:
-        """Index of the candidate range with the least expected error (chunked, vectorised)."""
-        best_err, best, chunk = math.inf, 0, max(_CHUNK_ELEMS // counts.numel(), 1)
-        for start in range(0, lo.numel(), chunk):
-            scale, zp = range_to_qparams(lo[start:start + chunk], hi[start:start + chunk],
-                                         self.qmin, self.qmax, self.symmetric)
-            s, zp = scale.double()[:, None], zp.double()[:, None]
-            err = expected_sq_error(edges, counts, s, (self.qmin - zp) * s, (self.qmax - zp) * s)
-            e, i = torch.min(err, dim=0)
-            if float(e) < best_err:
-                best_err, best = float(e), start + int(i)
-        return best
+            return symmetric_search(edges, counts, max(-h.min, h.max), self.qmin, self.qmax)
+        return affine_search(edges, counts, h.min, h.max, self.qmin, self.qmax, self.options["grid"])
 
 
 class EntropyCalibrator(_HistogramCalibrator):
@@ -373,7 +333,7 @@ class EntropyCalibrator(_HistogramCalibrator):
         cand = torch.arange(min(levels, n), n + 1, device=counts.device)
         tail = torch.cat([counts.flip(0).cumsum(0).flip(0), counts.new_zeros(1)])  # tail[i] = sum(counts[i:])
         best_kl, best_i = math.inf, n
-        for chunk in cand.split(max(_CHUNK_ELEMS // n, 1)):
+        for chunk in cand.split(max(BLOCK_ELEMS // n, 1)):  # one thread, in cache: see mse_search.BLOCK_ELEMS
             cols = int(chunk[-1])  # columns >= the largest threshold of the chunk are all zero
             i, j = chunk[:, None], torch.arange(cols, device=counts.device)
             rows = torch.arange(chunk.numel(), device=counts.device)
