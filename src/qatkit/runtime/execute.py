@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 _WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
 
 
+def _quantizing(*quantizers: FakeQuantizer) -> bool:
+    """Whether all of these quantize now (fake-quant on and a scale). While calibration observes (fake-quant off) or a
+    sensitivity sweep keeps a layer float, its bias stays float too: rounding it to ``s_input * s_weight`` with an
+    input scale not yet calibrated (1.0) would shift what the observers see."""
+    return all(bool(q.fake_quant_enabled) and q.is_calibrated for q in quantizers)
+
+
 class SiteExecutor:
     """Applies sites of ``state``'s plan with ``state``'s quantizers; no knowledge of hooks or call tracking.
 
@@ -94,7 +101,7 @@ class SiteExecutor:
         if site.fold_bn is not None:
             weight, bias = fold(weight, bias, self.state.module(site.fold_bn))
         args[1] = wq(weight)
-        if bias is not None and site.bias_from is not None:
+        if bias is not None and site.bias_from is not None and _quantizing(wq, self.state.q(site.bias_from)):
             bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
         if len(args) > 2:
             args[2] = bias
