@@ -21,8 +21,8 @@ X = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 class DeadNet(nn.Module):
     """conv: channel 0 dead (all zero), channel 1 near-dead (|w| <= 3e-5). ``y * 0`` is a constant-zero tensor,
-    ``y * 1e-7`` a tensor whose range is below the floor. ``const`` is a dead layer (zero weights; its 1e-6 bias
-    lands on the grid s_in * 1.0, i.e. on 0, so its output is constant zero too)."""
+    ``y * 1e-7`` a tensor whose range is below the floor. ``const`` is a dead layer (zero weights; calibration observes
+    the float model, so its output is the constant 1e-6 bias: a range below the floor)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,7 +106,7 @@ def test_inspect_lists_the_collapsed_quantizers_of_a_model(calibrated):
                                    "below 0.0001: scale set to the floor 7.87e-07")
     assert rows["/mul#0/output"] == "constant tensor (zero range): scale 1.0"
     assert rows["/mul#1/output"] == "range below 0.0001: scale set to the floor 3.92e-07"
-    assert rows["const/output"] == "constant tensor (zero range): scale 1.0"
+    assert rows["const/output"] == "range below 0.0001: scale set to the floor 3.92e-07"
     assert rows["const/weight"].startswith("4 of 4 channels had zero range: scale 1.0 (a dead layer")
     assert rows["head/weight"] == ""
     lint = ins.lint_model(calibrated)
