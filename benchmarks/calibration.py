@@ -40,8 +40,8 @@ import torch  # noqa: E402
 import qatkit  # noqa: E402
 from qatkit.quant import quantizer as quantizer_module  # noqa: E402
 from qatkit.quant.quantizer import FakeQuantizer  # noqa: E402
-from qatkit.runconfig import RunConfig  # noqa: E402
-from qatkit.stages import datasets, image_batches, load_float  # noqa: E402
+from qatkit.apps.runconfig import RunConfig  # noqa: E402
+from qatkit.apps.stages import datasets, image_batches, load_float  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("max", "mse", "entropy", "percentile")

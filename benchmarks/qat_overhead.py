@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 import qatkit
-from qatkit.data import collate
-from qatkit.models.loss import detection_loss
-from qatkit.runconfig import RunConfig
-from qatkit.stages import datasets, image_batches, load_float
-from qatkit.train.loop import infinite_batches
+from qatkit.apps.data import collate
+from qatkit.apps.models.loss import detection_loss
+from qatkit.apps.runconfig import RunConfig
+from qatkit.apps.stages import datasets, image_batches, load_float
+from qatkit.apps.train_loop import infinite_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from qatkit import export_onnx, verify
-from qatkit.eval.detect import evaluate, torch_predictor
+from qatkit.apps.eval.detect import evaluate, torch_predictor
 from qatkit.onnx_runtime import predictor, session
-from qatkit.runconfig import RunConfig
-from qatkit.stages import datasets, load_float, ptq, val_batches
+from qatkit.apps.runconfig import RunConfig
+from qatkit.apps.stages import datasets, load_float, ptq, val_batches
 
 
 def main() -> int:

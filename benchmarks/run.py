@@ -28,11 +28,11 @@ from peers import PEERS, Qatkit  # noqa: E402
 
 import qatkit  # noqa: E402
 from qatkit import onnx_runtime  # noqa: E402
-from qatkit.data import collate  # noqa: E402
-from qatkit.eval.detect import evaluate, torch_predictor  # noqa: E402
-from qatkit.runconfig import RunConfig  # noqa: E402
-from qatkit.stages import datasets, image_batches, load_float  # noqa: E402
-from qatkit.train.loop import TrainConfig, train_detector  # noqa: E402
+from qatkit.apps.data import collate  # noqa: E402
+from qatkit.apps.eval.detect import evaluate, torch_predictor  # noqa: E402
+from qatkit.apps.runconfig import RunConfig  # noqa: E402
+from qatkit.apps.stages import datasets, image_batches, load_float  # noqa: E402
+from qatkit.apps.train_loop import TrainConfig, train_detector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,8 +25,8 @@ from torch import nn
 
 import qatkit
 from qatkit import onnx_runtime
-from qatkit.runconfig import RunConfig
-from qatkit.stages import datasets, image_batches, load_float
+from qatkit.apps.runconfig import RunConfig
+from qatkit.apps.stages import datasets, image_batches, load_float
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import qatkit
-from qatkit import cli
+from qatkit.apps import cli
 from qatkit.analysis import inspect as ins
 from qatkit.quant.qparams import MIN_RANGE, range_to_qparams, scale_floor
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qatkit.data import CLASSES, CocoDetection, collate, generate_shapes, render_sample
-from qatkit.data.coco import PAD_VALUE
-from qatkit.eval import coco_map
+from qatkit.apps.data import CLASSES, CocoDetection, collate, generate_shapes, render_sample
+from qatkit.apps.data.coco import PAD_VALUE
+from qatkit.apps.eval import coco_map
 
 N_TRAIN, N_VAL, SIZE, SEED = 12, 8, 96, 3
 
@@ -233,7 +233,7 @@ def test_map_rejects_bad_predictions(shapes_root: Path) -> None:
 
 
 def test_calibration_batches_do_not_depend_on_the_global_rng(shapes_root: Path) -> None:
-    from qatkit.stages import image_batches
+    from qatkit.apps.stages import image_batches
 
     ds = CocoDetection(shapes_root, "train", 64, augment=True)
     torch.manual_seed(1)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import qatkit
-from qatkit.runconfig import RunConfig
+from qatkit.apps.runconfig import RunConfig
 from qatkit.train.distill import Distiller
 
 

@@ -22,7 +22,7 @@ from test_model_matrix import build
 from torch import nn
 
 import qatkit
-from qatkit import cli
+from qatkit.apps import cli
 from qatkit.capture import tensors_of
 from qatkit.encodings import read_encodings, strip_qdq
 from qatkit.encodings.grid import ENTRY_KEYS
@@ -246,7 +246,7 @@ def test_16_bit_containers_round_trip(tmp_path):
 
 # ----------------------------------------------------------------- command line
 def test_cli_export_format_encodings_writes_both_files(tmp_path, capsys):
-    from qatkit import stages
+    from qatkit.apps import stages
 
     model, size = build("qatkit_demo_detector")
     x = torch.rand(1, 3, size, size)

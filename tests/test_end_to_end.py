@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from qatkit import cli
-from qatkit.runconfig import DEMO_FLOAT
+from qatkit.apps import cli
+from qatkit.apps.runconfig import DEMO_FLOAT
 
 KEYS = ("float_map", "ptq_map", "qat_map", "onnx_fp32_map", "onnx_int8_map", "within_one_step", "fp32_ms",
         "int8_ms", "recipe")

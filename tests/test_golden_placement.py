@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 
 import qatkit
-from qatkit.models.detector import DetectorConfig, TinyYolo
+from qatkit.apps.models.detector import DetectorConfig, TinyYolo
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("QATKIT_REGEN_GOLDEN", "") not in ("", "0")

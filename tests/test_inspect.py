@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import qatkit
-from qatkit import cli
+from qatkit.apps import cli
 from qatkit.analysis import inspect as ins
 
 

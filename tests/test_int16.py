@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import qatkit
-from qatkit.models.detector import DetectorConfig, TinyYolo
+from qatkit.apps.models.detector import DetectorConfig, TinyYolo
 
 
 def _net() -> nn.Module:

@@ -18,11 +18,11 @@ import torchvision
 from torch import nn
 
 import qatkit
-from qatkit import cli
+from qatkit.apps import cli
 from qatkit.adapters import DetectorCore
 from qatkit.analysis.inspect import lint_model, problems
 from qatkit.capture import tensors_of
-from qatkit.models.detector import DetectorConfig, TinyYolo
+from qatkit.apps.models.detector import DetectorConfig, TinyYolo
 
 
 def _extra(name: str):

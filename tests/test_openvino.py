@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def small(request, tmp_path_factory) -> Exported:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from qatkit.data import CocoDetection, generate_shapes
+    from qatkit.apps.data import CocoDetection, generate_shapes
 
     root = generate_shapes(tmp_path_factory.mktemp("shapes"), n_train=8, n_val=8, img_size=160, seed=0)
     train = CocoDetection(root, "train", 160)
@@ -63,8 +62,8 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module", params=RECIPES)
 def demo(request, shapes, tmp_path_factory) -> Exported:
     """The demo detector from its shipped float checkpoint, calibrated on 8 shapes images (max: fast)."""
-    from qatkit.runconfig import DEMO_FLOAT
-    from qatkit.stages import load_float
+    from qatkit.apps.runconfig import DEMO_FLOAT
+    from qatkit.apps.stages import load_float
 
     images, val = shapes
     net = load_float(DEMO_FLOAT)
@@ -171,7 +170,7 @@ def test_openvino_still_miscomputes_the_signed_export(demo):
 
 def test_metric_is_computed_on_pytorch_and_on_the_runtime(demo, shapes):
     """The demo's COCO mAP as a metric callable: evaluated once on each predictor, both close."""
-    from qatkit.eval.detect import evaluate
+    from qatkit.apps.eval.detect import evaluate
 
     _, val = shapes
     seen = []
@@ -189,17 +188,13 @@ def test_metric_is_computed_on_pytorch_and_on_the_runtime(demo, shapes):
     assert len(seen) == 2 * len(runtimes) and len({id(p) for p in seen}) == len(seen)
 
 
-def test_deprecated_dataset_argument_still_scores_map(demo, shapes):
-    from qatkit.eval.detect import evaluate
+def test_verify_takes_a_metric_not_a_dataset():
+    # verify(dataset=...) (which imported the demo's evaluator from the core) is gone: pass
+    # metric=lambda predict: evaluate(predict, dataset)["map"] (qatkit.apps.eval.detect.evaluate), as above.
+    import inspect
 
-    _, val = shapes
-    with pytest.warns(DeprecationWarning, match="metric="):
-        old = qatkit.verify(demo.net, demo.path, demo.data, dataset=val)
-    new = qatkit.verify(demo.net, demo.path, demo.data, metric=lambda p: evaluate(p, val)["map"])
-    assert (old.torch_map, old.onnx_map) == (new.torch_map, new.onnx_map)
-    with pytest.raises(QatkitError, match="either metric= or dataset="), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        qatkit.verify(demo.net, demo.path, demo.data, dataset=val, metric=lambda p: 0.0)
+    assert "dataset" not in inspect.signature(qatkit.verify).parameters
+    assert "metric" in inspect.signature(qatkit.verify).parameters
 
 
 @pytest.mark.parametrize("demo", ["tensorrt"], indirect=True)  # the recipe with disagreeing layers to blame

@@ -13,15 +13,15 @@ import pytest
 import torch
 import yaml
 
-from qatkit import cli
+from qatkit.apps import cli
 from qatkit.errors import CheckpointError
-from qatkit.train.loop import STATE_FORMAT
+from qatkit.apps.train_loop import STATE_FORMAT
 
 STEPS, EVERY = 40, 8  # 48 images / batch 4 = 12 steps per epoch: checkpoints fall mid-epoch
 
 
 def qat_cmd(cfg, ptq, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "qatkit.cli", "qat", "--config", str(cfg), "--checkpoint", str(ptq),
+    return [sys.executable, "-m", "qatkit.apps.cli", "qat", "--config", str(cfg), "--checkpoint", str(ptq),
             "--out", str(out), "--steps", str(STEPS), "--checkpoint-every", str(EVERY), *extra]
 
 
@@ -68,8 +68,8 @@ def test_a_training_state_of_another_recipe_is_an_error(ptq, tmp_path):
     torch.save({"format": STATE_FORMAT, "step": 3, "model": {"foo": torch.zeros(1)}, "optimizer": {},
                 "scheduler": {}, "ema": None, "ema_updates": 0, "rng": torch.get_rng_state()}, state)
     with pytest.raises(CheckpointError, match="does not belong to this model"):
-        from qatkit import stages
-        from qatkit.runconfig import load_run_config
+        from qatkit.apps import stages
+        from qatkit.apps.runconfig import load_run_config
         run = load_run_config(cfg, qat_steps=5, checkpoint_every=1)
         stages.qat(run, stages.load_quantized(ckpt).train(), stages.datasets(run)[0], state_path=state,
                    resume=True)
@@ -78,10 +78,10 @@ def test_a_training_state_of_another_recipe_is_an_error(ptq, tmp_path):
 def test_qat_runs_under_ddp_with_two_processes(ptq):
     root, cfg, ckpt = ptq
     out = root / "ddp.pt"
-    proc = subprocess.run([sys.executable, "-m", "qatkit.cli", "qat", "--config", str(cfg), "--checkpoint", str(ckpt),
+    proc = subprocess.run([sys.executable, "-m", "qatkit.apps.cli", "qat", "--config", str(cfg), "--checkpoint", str(ckpt),
                            "--out", str(out), "--steps", "4", "--nproc", "2"], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "QAT mAP" in proc.stdout and out.is_file()
-    from qatkit import stages
+    from qatkit.apps import stages
     stages.load_quantized(out)  # a checkpoint like any other

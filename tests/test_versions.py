@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import qatkit
-from qatkit import stages
+from qatkit.apps import stages
 from qatkit.checkpoint import FORMAT
-from qatkit.runconfig import DEMO_FLOAT
+from qatkit.apps.runconfig import DEMO_FLOAT
 
 
 class Small(nn.Module):

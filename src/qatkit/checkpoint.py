@@ -30,7 +30,7 @@ RECREATE = {
     "qatkit-quantized": "re-create it from the float model: `qatkit calibrate` (then `qatkit qat`), or "
                         "qatkit.quantize + qatkit.calibrate + qatkit.save",
     "qatkit-float": "re-create it with `qatkit train-float`, or save the float model again with "
-                    "qatkit.stages.save_float",
+                    "qatkit.apps.stages.save_float",
     "qatkit-train-state": "start the QAT run again without --resume",
 }
 

@@ -20,7 +20,6 @@ The step of a float model output (e.g. TensorRT's float output convs) is one 8-b
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,23 +162,9 @@ def _torch_predictor(model: nn.Module) -> Predictor:
     return predict
 
 
-def _metric_of(metric: Metric | None, dataset) -> Metric | None:
-    """``metric``, or for the deprecated ``dataset=`` the demo's COCO mAP evaluator on it (imported only then)."""
-    if dataset is None:
-        return metric
-    if metric is not None:
-        raise QatkitError("verify: pass either metric= or dataset=, not both (dataset= is deprecated: use metric=)")
-    warnings.warn("verify(dataset=...) is deprecated: pass metric=lambda predict: evaluate(predict, dataset)['map'] "
-                  "(qatkit.eval.detect.evaluate)", DeprecationWarning, stacklevel=3)
-    from .eval.detect import evaluate  # the demo's evaluator, an application: never imported at module level
-
-    return lambda predict: evaluate(predict, dataset)["map"]
-
-
 @torch.no_grad()
 def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtime: str = "onnxruntime",
-           metric: Metric | None = None, threads: int | None = None, precision: str = "f32",
-           dataset=None) -> VerifyReport:
+           metric: Metric | None = None, threads: int | None = None, precision: str = "f32") -> VerifyReport:
     """Compare ``model`` (PyTorch) with its export ``onnx_path`` run in ``runtime``, layer by layer and end to end.
 
     Args:
@@ -192,7 +177,6 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtim
         threads: the runtime's threads (``None``: its default).
         precision: float precision of the runtime's non-integer parts; ``"f32"`` unless you want to measure e.g.
             OpenVINO's ``"bf16"``.
-        dataset: deprecated: a COCO-format dataset, scored with the demo's mAP evaluator; use ``metric``.
 
     Returns:
         A :class:`VerifyReport`; ``worst_layers`` names the quantizers (or float outputs) with values beyond one step,
@@ -207,7 +191,6 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtim
         ...                        metric=lambda predict: my_accuracy(predict, val_set))
         >>> assert report.within_one_step >= 0.999, report.worst_layers
     """
-    metric = _metric_of(metric, dataset)
     was_training = model.training
     model.eval()
     try:

@@ -2,7 +2,7 @@
 
 Why letterbox: detectors here run at a fixed square input; keeping the aspect
 ratio and padding bottom/right means a single scale factor maps boxes back to
-the original image (see :mod:`qatkit.eval.coco_map`).
+the original image (see :mod:`qatkit.apps.eval.coco_map`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 PAD_VALUE = 114  # grey used for letterbox padding (uint8)
 
 _HINT = (
-    "Create the generated dataset with qatkit.data.generate_shapes(root) or "
+    "Create the generated dataset with qatkit.apps.data.generate_shapes(root) or "
     "`qatkit train-float` (which generates it), or point root at a COCO-format "
     "dataset laid out as root/annotations/instances_<split>.json + root/images/<split>/."
 )

@@ -16,7 +16,7 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
 if TYPE_CHECKING:
-    from qatkit.data.coco import CocoDetection
+    from qatkit.apps.data.coco import CocoDetection
 
 Prediction = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # boxes xyxy [K,4], scores [K], labels [K]
 

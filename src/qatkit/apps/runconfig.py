@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import QatkitError
+from ..errors import QatkitError
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_FLOAT = ASSETS / "demo_float.pt"

@@ -144,7 +144,7 @@ def render_sample(seed: int, split: str, index: int, img_size: int) -> Sample:
 
 def _meta(n_train: int, n_val: int, img_size: int, seed: int) -> dict[str, Any]:
     return {
-        "generator": "qatkit.data.shapes",
+        "generator": "qatkit.data.shapes",  # a stored identity (meta.json), kept from before the move to apps/
         "version": GENERATOR_VERSION,
         "classes": list(CLASSES),
         "n_train": n_train,

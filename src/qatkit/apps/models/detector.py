@@ -3,7 +3,7 @@
 It is written as ordinary PyTorch, with functional ``torch.cat``, ``chunk``, residual ``+`` and
 ``F.interpolate``, exactly the constructs that make hand-written QAT painful: qatkit must quantize it
 without any change to this file. The forward returns the raw head maps; decoding and NMS live in
-:mod:`qatkit.models.postprocess` and stay in float, as deployed detectors do.
+:mod:`qatkit.apps.models.postprocess` and stay in float, as deployed detectors do.
 """
 from __future__ import annotations
 

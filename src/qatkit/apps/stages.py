@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate import calibrate
-from .checkpoint import atomic_save, checkpoint_metadata, header, load, read_checkpoint, save
+from ..calibrate import calibrate
+from ..checkpoint import atomic_save, checkpoint_metadata, header, load, read_checkpoint, save
 from .data import CocoDetection, collate, generate_shapes
 from .eval.detect import evaluate, torch_predictor
 from .models.detector import TinyYolo, build_detector, config_dict
-from .quantize import freeze, quantize
+from ..quantize import freeze, quantize
 from .runconfig import RunConfig
-from .train.distill import Distiller
-from .train.loop import TrainConfig, train_detector
+from ..train.distill import Distiller
+from .train_loop import TrainConfig, train_detector
 
 FLOAT_FORMAT = "qatkit-float-1"  # name-version, checked by read_checkpoint (an older/newer version names the fix)
 

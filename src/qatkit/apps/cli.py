@@ -1,6 +1,6 @@
 """``qatkit`` command line: demo, train-float, calibrate, qat, export, verify, inspect.
 
-Every stage reads a run config (``--config run.yaml``, see :mod:`qatkit.runconfig`) plus flags, and writes a file
+Every stage reads a run config (``--config run.yaml``, see :mod:`qatkit.apps.runconfig`) plus flags, and writes a file
 the next stage starts from: float checkpoint -> ptq.pt -> qat.pt -> model.qdq.onnx -> verify report.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import QatkitError
+from ..errors import QatkitError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="run config YAML (keys of qatkit.runconfig.RunConfig)")
+    p.add_argument("--config", help="run config YAML (keys of qatkit.apps.runconfig.RunConfig)")
     p.add_argument("--data", help="COCO-format dataset root (the shapes set is generated there if missing)")
     p.add_argument("--recipe", help="built-in recipe name or recipe YAML path")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
     p.add_argument("--onnx", default="runs/demo/model.qdq.onnx")
-    from .runtimes import RUNTIMES
+    from ..runtimes import RUNTIMES
 
     p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime")
     p.add_argument("--precision", default="f32", help="float precision of the runtime's non-integer parts "
@@ -106,7 +106,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         elif not a.startswith("--nproc="):
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "qatkit.cli", *rest]
+           "-m", "qatkit.apps.cli", *rest]
     return subprocess.call(cmd)
 
 
@@ -126,9 +126,9 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
     """Sweep, optional budget search with re-placed models, then sensitivity.json and keep_float.yaml in --out."""
     import yaml
 
-    from .analysis.sensitivity import groups, keep_float_recipe, sensitivity, sqnr_metric
+    from ..analysis.sensitivity import groups, keep_float_recipe, sensitivity, sqnr_metric
     from .eval.detect import evaluate, torch_predictor
-    from .quantize import quantization_state
+    from ..quantize import quantization_state
 
     if args.eval_images < 1:
         raise QatkitError(f"--eval-images must be at least 1, got {args.eval_images}")
@@ -160,7 +160,7 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sensitivity.json").write_text(json.dumps(report.as_dict(), indent=2))
-    from .analysis.report import write_sensitivity_report
+    from ..analysis.report import write_sensitivity_report
 
     write_sensitivity_report(out, report, "qatkit " + " ".join(sys.argv[1:]))
     print(report.table(args.top))
@@ -172,7 +172,7 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
 
 def _datasets_once(stages, cfg, rank: int):
     """Under DDP, rank 0 generates a missing dataset while the others wait."""
-    from . import distributed
+    from .. import distributed
 
     if distributed.world_size() == 1:
         return stages.datasets(cfg)
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         run_demo(_config(args, out=args.out))
         return 0
     if cmd == "inspect":
-        from .analysis import inspect as ins
+        from ..analysis import inspect as ins
 
         path = Path(args.path)
         if path.suffix == ".onnx":
@@ -236,12 +236,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     elif cmd == "export":
         qm = stages.load_quantized(args.checkpoint)
         if args.format == "encodings":
-            from .encodings import export_encodings
+            from ..encodings import export_encodings
 
             for path in export_encodings(qm, example, args.out or "runs/demo/model.onnx"):
                 print(f"wrote {path}")
         else:
-            from .export import export_onnx
+            from ..export import export_onnx
 
             path = export_onnx(qm, example, args.out or "runs/demo/model.qdq.onnx",
                                unsigned_activations=args.unsigned_activations)
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     elif cmd == "sensitivity":
         _sensitivity(args, cfg, stages, train, val)
     elif cmd == "verify":
-        from .verify import verify
+        from ..verify import verify
 
         qm = stages.load_quantized(args.checkpoint)
         report = verify(qm, args.onnx, stages.val_batches(val, cfg.batch_size), runtime=args.runtime,

@@ -1,5 +1,5 @@
 """Evaluation: COCO box mAP via faster-coco-eval."""
 
-from qatkit.eval.coco_map import coco_map
+from qatkit.apps.eval.coco_map import coco_map
 
 __all__ = ["coco_map"]

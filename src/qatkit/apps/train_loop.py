@@ -18,9 +18,9 @@ from torch.utils.data import Dataset
 from .. import distributed
 from ..checkpoint import atomic_save, read_checkpoint
 from ..errors import CheckpointError
-from ..models.loss import detection_loss
+from .models.loss import detection_loss
 from ..progress import progress_bar
-from .distill import Distiller
+from ..train.distill import Distiller
 
 STATE_FORMAT = "qatkit-train-state-1"
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from . import onnx_runtime
+from .. import onnx_runtime
 from .eval.detect import evaluate, torch_predictor
-from .export import export_onnx
+from ..export import export_onnx
 from .runconfig import RunConfig
 from .stages import datasets, load_float, ptq, qat, save_quantized, val_batches
-from .verify import verify
+from ..verify import verify
 
 
 def _row(name: str, value, fmt: str = "{:.4f}") -> str:
@@ -54,8 +54,8 @@ def format_table(s: dict) -> str:
 
 def _report(cfg: RunConfig, out: Path, summary: dict, qm, val):
     """The run's HTML/Markdown report: sensitivity by output SQNR (no labels needed) and activation histograms."""
-    from .analysis.report import activation_histograms, write_report
-    from .analysis.sensitivity import sensitivity, sqnr_metric
+    from ..analysis.report import activation_histograms, write_report
+    from ..analysis.sensitivity import sensitivity, sqnr_metric
 
     batches = list(itertools.islice(val_batches(val, cfg.batch_size), 2))
     sens = sensitivity(qm, sqnr_metric(qm, batches[:1]), metric_name="output SQNR (dB)", quiet=cfg.quiet)

@@ -1,6 +1,6 @@
 """Run any predictor (a PyTorch model or an ONNX Runtime session) over a dataset and score it with COCO mAP.
 
-Both paths share the float decode/NMS of :mod:`qatkit.models.postprocess`, so the comparison isolates the network.
+Both paths share the float decode/NMS of :mod:`qatkit.apps.models.postprocess`, so the comparison isolates the network.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data.coco import CocoDetection, collate
 from ..models.postprocess import postprocess
-from ..progress import progress_bar
+from ...progress import progress_bar
 from .coco_map import coco_map
 
 Predictor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
