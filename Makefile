@@ -1,5 +1,5 @@
-# Two commands for a newcomer: `make demo` and `make test`. Both create/refresh .venv from the pinned
-# dependencies in pyproject.toml first (`make .venv` does only that, with all extras).
+# Two commands for a newcomer: `make demo` and `make test`. Both create/refresh .venv first (`make .venv` does only
+# that): qatkit with all extras, at the exact versions pinned in constraints.txt (pyproject.toml declares ranges).
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.qatkit-installed
@@ -8,9 +8,9 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: .venv demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[all]"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[all]"
 	@touch $(STAMP)
 
 .venv: $(STAMP)

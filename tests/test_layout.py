@@ -83,3 +83,25 @@ def test_importing_the_core_loads_no_application():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"importing the core loaded applications: {proc.stdout.split()}"
+
+
+_BLOCK = "import sys\nfor m in {names!r}:\n    sys.modules[m] = None  # as if not installed\n"
+
+
+def test_the_core_needs_no_application_dependency():
+    # the core installs without the apps/report extras: it imports with torchvision, Pillow, faster-coco-eval,
+    # matplotlib (and the bench/peer packages) absent; only qatkit.analysis.report needs matplotlib ([report])
+    absent = ["torchvision", "PIL", "faster_coco_eval", "matplotlib", "ultralytics", "timm", "openvino", "onnxscript"]
+    modules = sorted({_module_name(p) for p in core_modules()} - {"qatkit.analysis.report"})
+    code = _BLOCK.format(names=absent) + f"import importlib\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("module, missing, extra", [("qatkit.apps.cli", "faster_coco_eval", "apps"),
+                                                    ("qatkit.apps.stages", "torchvision", "apps"),
+                                                    ("qatkit.analysis.report", "matplotlib", "report")])
+def test_a_missing_optional_dependency_names_the_extra(module, missing, extra):
+    code = _BLOCK.format(names=[missing]) + f"import {module}\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"pip install 'qatkit[{extra}]'" in proc.stderr.splitlines()[-1], proc.stderr

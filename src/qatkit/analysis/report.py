@@ -11,7 +11,11 @@ import io
 from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError as e:  # an optional dependency: the rest of qatkit works without it
+    raise ImportError("qatkit.analysis.report draws with matplotlib, not installed here: "
+                      "pip install 'qatkit[report]'") from e
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
