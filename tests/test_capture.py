@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nets import ModeShy
+
 import qatkit
 from qatkit.errors import QatkitWarning
 
@@ -65,21 +67,6 @@ def test_a_path_not_seen_at_capture_warns_once_and_runs_float():
         model(torch.rand(1, 3, 16, 16))
         model(torch.rand(1, 3, 16, 16))
     assert len(caught) == 1
-
-
-class ModeShy(nn.Module):
-    """A forward that cannot run under a torch-function mode (as some custom-kernel wrappers refuse it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        y = self.a(x)
-        if torch._C._is_torch_function_mode_enabled():
-            raise RuntimeError("fused kernel wrapper: torch-function modes are not supported")
-        return self.b(y + 1.0)
 
 
 def test_capture_failure_falls_back_to_module_level_and_names_the_module(tmp_path):

@@ -9,18 +9,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from nets import Block
+
 import qatkit
 from qatkit.recipes.rules import Rule, resolve
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.act = nn.SiLU()
-
-    def forward(self, x):
-        return self.act(self.conv(x))
 
 
 class Net(nn.Module):

@@ -5,20 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from nets import Block, ModeShy
+
 import qatkit
 from qatkit.errors import QatkitWarning
 
 X = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.act = nn.SiLU()
-
-    def forward(self, x):
-        return self.act(self.conv(x))
 
 
 class Net(nn.Module):
@@ -88,21 +80,6 @@ def test_a_boundary_rule_must_name_a_submodule_or_op_not_only_the_whole_model():
 def test_silu_to_relu_recipes_are_told_why_silu_is_gone():
     with pytest.raises(qatkit.RecipeError, match=r"silu_to_relu replaced the SiLU modules.*closest.*'ReLU'"):
         quantized({"silu_to_relu": True, "rules": [{"object_type": "SiLU", "skip": True}]})
-
-
-class ModeShy(nn.Module):
-    """Refuses torch-function modes: capture falls back to module level (no functional ops in the graph)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        y = self.a(x)
-        if torch._C._is_torch_function_mode_enabled():
-            raise RuntimeError("torch-function modes are not supported")
-        return self.b(y + 1.0)
 
 
 def test_after_a_capture_fallback_op_selectors_are_not_checked_but_module_selectors_are():
