@@ -1,10 +1,12 @@
-"""A generated, learnable detection dataset ("shapes") written in COCO format.
+"""A generated, learnable detection dataset ("shapes") written in COCO or ultralytics YOLO format.
 
 Why: QAT experiments need a detection task that trains in minutes on a CPU, is
 bit-for-bit reproducible and exercises the exact same COCO loader / evaluator
 path as a real dataset.  Every image is drawn from its own RNG seeded by
 (seed, split, index), so any image can be re-rendered on its own
-(:func:`render_sample`) and regenerating gives identical files.
+(:func:`render_sample`) and regenerating gives identical files. The YOLO export
+(``format="yolo"``) holds the same images and boxes, so either loader can be
+checked against the other (tests/test_yolo_data.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -32,6 +35,8 @@ _PLACEMENT_TRIES = 10
 _MIN_COLOUR_DIST = 100.0  # Euclidean RGB distance from the local background
 _VISIBLE_FRACTION = 0.8  # at least this much of each side lies inside the image
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
+_LABEL_NAME = re.compile(r"^\d{6}\.txt$")
+FORMATS: tuple[str, ...] = ("coco", "yolo")
 
 
 @dataclass
@@ -142,8 +147,10 @@ def render_sample(seed: int, split: str, index: int, img_size: int) -> Sample:
     return sample
 
 
-def _meta(n_train: int, n_val: int, img_size: int, seed: int) -> dict[str, Any]:
+def _meta(n_train: int, n_val: int, img_size: int, seed: int, format: str = "coco") -> dict[str, Any]:
+    extra = {} if format == "coco" else {"format": format}  # COCO metas keep the identity they always had
     return {
+        **extra,
         "generator": "qatkit.data.shapes",  # a stored identity (meta.json), kept from before the move to apps/
         "version": GENERATOR_VERSION,
         "classes": list(CLASSES),
@@ -168,22 +175,40 @@ def _is_complete(root: Path, meta: dict[str, Any]) -> bool:
             return False
     except (OSError, ValueError):
         return False
+    yolo = meta.get("format") == "yolo"
+    if yolo and not (root / "data.yaml").is_file():
+        return False
     for split in SPLITS:
-        if not (root / "annotations" / f"instances_{split}.json").is_file():
+        if not yolo and not (root / "annotations" / f"instances_{split}.json").is_file():
             return False
-        img_dir = root / "images" / split
-        if not all((img_dir / f"{i:06d}.png").is_file() for i in range(meta[f"n_{split}"])):
-            return False
+        img_dir, label_dir = root / "images" / split, root / "labels" / split
+        for i in range(meta[f"n_{split}"]):
+            if not (img_dir / f"{i:06d}.png").is_file() or (yolo and not (label_dir / f"{i:06d}.txt").is_file()):
+                return False
     return True
 
 
-def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int) -> None:
+def _remove_stale(folder: Path, pattern: re.Pattern[str], expected: set[str]) -> None:
+    """Drop generated files beyond the current count (leftovers of a larger earlier run)."""
+    for stale in folder.iterdir():
+        if pattern.match(stale.name) and stale.name not in expected:
+            stale.unlink()
+
+
+def _yolo_line(label: int, box: list[float], img_size: int) -> str:
+    """``class cx cy w h`` normalised; 6 decimals (as ultralytics writes) keep boxes within 1e-6 * size px."""
+    x, y, w, h = box
+    return f"{label} {(x + w / 2) / img_size:.6f} {(y + h / 2) / img_size:.6f} {w / img_size:.6f} {h / img_size:.6f}"
+
+
+def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int, format: str = "coco") -> None:
     img_dir = root / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
-    expected = {f"{i:06d}.png" for i in range(n)}
-    for stale in img_dir.iterdir():  # leftovers of a larger earlier run
-        if _IMAGE_NAME.match(stale.name) and stale.name not in expected:
-            stale.unlink()
+    _remove_stale(img_dir, _IMAGE_NAME, {f"{i:06d}.png" for i in range(n)})
+    label_dir = root / "labels" / split
+    if format == "yolo":
+        label_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale(label_dir, _LABEL_NAME, {f"{i:06d}.txt" for i in range(n)})
 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
@@ -191,6 +216,9 @@ def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int) ->
         s = render_sample(seed, split, i, img_size)
         name = f"{i:06d}.png"
         Image.fromarray(s.image).save(img_dir / name)
+        if format == "yolo":
+            lines = [_yolo_line(label, box, img_size) + "\n" for box, label in zip(s.boxes, s.labels)]
+            (label_dir / f"{i:06d}.txt").write_text("".join(lines))
         images.append({"id": i + 1, "file_name": name, "width": img_size, "height": img_size})
         for box, label in zip(s.boxes, s.labels):
             annotations.append({
@@ -201,6 +229,8 @@ def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int) ->
                 "area": box[2] * box[3],
                 "iscrowd": 0,
             })
+    if format == "yolo":
+        return
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(CLASSES)]
     _write_json(
         root / "annotations" / f"instances_{split}.json",
@@ -215,8 +245,13 @@ def generate_shapes(
     n_val: int = 500,
     img_size: int = 160,
     seed: int = 0,
+    format: str = "coco",
 ) -> Path:
-    """Write the shapes dataset under `root` (COCO layout) and return `root`.
+    """Write the shapes dataset under `root` and return `root`.
+
+    ``format="coco"``: ``annotations/instances_{train,val}.json`` + ``images/{train,val}/``.
+    ``format="yolo"``: ``images/{train,val}/*.png`` + ``labels/{train,val}/*.txt`` + ``data.yaml`` (load it with
+    :class:`~qatkit.apps.data.yolo.YoloDetection` or ``--data root/data.yaml``). Same images and boxes in both.
 
     Returns immediately when `root/meta.json` matches the parameters and all
     files exist.  meta.json is removed first and written last, so an
@@ -227,14 +262,24 @@ def generate_shapes(
     for name, value, minimum in limits:
         if not isinstance(value, int) or value < minimum:
             raise ValueError(f"generate_shapes: {name} must be an int >= {minimum}, got {value!r}")
+    if format not in FORMATS:
+        raise ValueError(f"generate_shapes: format must be one of {', '.join(FORMATS)}, got {format!r}")
     root = Path(root)
-    meta = _meta(n_train, n_val, img_size, seed)
+    meta = _meta(n_train, n_val, img_size, seed, format)
     if _is_complete(root, meta):
         return root
 
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    if format == "coco":
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "meta.json").unlink(missing_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
-        _generate_split(root, split, n, img_size, seed)
+        _generate_split(root, split, n, img_size, seed, format)
+    if format == "yolo":
+        data_yaml = {"path": ".", "train": "images/train", "val": "images/val", "nc": len(CLASSES),
+                     "names": dict(enumerate(CLASSES))}
+        tmp = root / "data.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(data_yaml, sort_keys=False))
+        os.replace(tmp, root / "data.yaml")
     _write_json(root / "meta.json", meta, indent=2)
     return root
