@@ -25,8 +25,15 @@ from .train_loop import TrainConfig, train_detector
 FLOAT_FORMAT = "qatkit-float-1"  # name-version, checked by read_checkpoint (an older/newer version names the fix)
 
 
-def datasets(cfg: RunConfig) -> tuple[CocoDetection, CocoDetection]:
+def datasets(cfg: RunConfig) -> tuple[DetectionDataset, DetectionDataset]:
+    """(train, val) from ``cfg.data``: a ``.yaml``/``.yml`` file is an ultralytics YOLO data.yaml, anything else a
+    COCO root (root/annotations/instances_<split>.json), where the shapes set is generated when missing
+    (docs/data.md)."""
+    from .data import DetectionDataset, YoloDetection  # noqa: F401 (DetectionDataset: the annotation)
+
     root = Path(cfg.data)
+    if root.suffix.lower() in (".yaml", ".yml"):
+        return YoloDetection(root, "train", cfg.img_size, augment=True), YoloDetection(root, "val", cfg.img_size)
     generated = (root / "meta.json").is_file()  # a real COCO dataset (no meta.json) is never overwritten
     if cfg.generate and (generated or not (root / "annotations" / "instances_val.json").is_file()):
         generate_shapes(root, n_train=cfg.n_train, n_val=cfg.n_val, img_size=cfg.img_size, seed=cfg.seed)
