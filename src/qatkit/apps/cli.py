@@ -21,6 +21,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
 
 
+def _model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="the float model (docs/models.md): demo (default), an ultralytics model yaml "
+                                   "(yolov8n.yaml, path/to/model.yaml), an ultralytics checkpoint written by `yolo "
+                                   "train` (best.pt: unpickled, trusted files only), or package.module:factory")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qatkit", description="Quantization-aware training with verified INT8 ONNX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -29,13 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/demo)")
     p.add_argument("--qat-steps", type=int)
     p.add_argument("--method", help="PTQ calibrator: max, ema, percentile, mse, entropy")
+    _model(p)
     p = sub.add_parser("train-float", help="train the demo detector's float checkpoint")
     _common(p)
     p.add_argument("--out", default="runs/float/demo_float.pt")
     p.add_argument("--steps", type=int, dest="float_steps")
+    _model(p)
     p = sub.add_parser("calibrate", help="quantize the float model and calibrate it (PTQ) -> checkpoint")
     _common(p)
     p.add_argument("--float-checkpoint")
+    _model(p)
     p.add_argument("--method")
     p.add_argument("--out", default="runs/demo/ptq.pt")
     p = sub.add_parser("qat", help="fine-tune a calibrated checkpoint with fake quantization -> checkpoint")
@@ -88,7 +97,7 @@ def _config(args: argparse.Namespace, **extra):
     from .runconfig import load_run_config
 
     keys = ("data", "recipe", "quiet", "method", "qat_steps", "qat_lr", "float_steps", "float_checkpoint",
-            "checkpoint_every")
+            "checkpoint_every", "model")
     overrides = {k: getattr(args, k, None) for k in keys} | extra
     return load_run_config(args.config, **overrides)
 
@@ -170,6 +179,18 @@ def _sensitivity(args: argparse.Namespace, cfg, stages, train, val) -> None:
         print(f"wrote {path}: use it as --recipe for calibrate/qat/demo")
 
 
+def _demo_only(cfg, command: str):
+    """demo and train-float evaluate mAP with the demo detector's decoder: only the demo detector (from any qatkit
+    float checkpoint) fits them."""
+    from .model_source import DEMO, parse_model
+
+    source = parse_model(cfg.model)
+    if source.kind != DEMO:
+        raise QatkitError(f"{command} runs the demo detector only, not --model {cfg.model}: quantize other models "
+                          "with `qatkit calibrate --model ...`, then export / verify with --checkpoint")
+    return cfg.model_copy(update={"float_checkpoint": Path(source.spec)}) if source.spec else cfg
+
+
 def _datasets_once(stages, cfg, rank: int):
     """Under DDP, rank 0 generates a missing dataset while the others wait."""
     from .. import distributed
@@ -196,7 +217,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if cmd == "demo":
         from .demo import run_demo
 
-        run_demo(_config(args, out=args.out))
+        run_demo(_demo_only(_config(args, out=args.out), "demo"))
         return 0
     if cmd == "inspect":
         from ..analysis import inspect as ins
@@ -211,6 +232,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         return 1 if args.strict and ins.problems(lint) else 0
     cfg = _config(args)
     if cmd == "train-float":
+        _demo_only(cfg, "train-float")
         _, metrics = stages.train_float(cfg, args.out)
         print(f"float mAP@0.5:0.95 {metrics['map']:.4f}; wrote {args.out}")
         return 0
@@ -222,9 +244,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     train, val = _datasets_once(stages, cfg, rank)
     example = (torch.zeros(1, 3, cfg.img_size, cfg.img_size),)
     if cmd == "calibrate":
-        qm = stages.ptq(cfg, stages.load_float(cfg.float_checkpoint), train)
-        stages.save_quantized(qm, args.out, "ptq")
-        print(f"PTQ mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; wrote {args.out}")
+        from .model_source import DEMO, parse_model
+
+        source = parse_model(cfg.model)
+        qm = stages.ptq(cfg, source.build(cfg.float_checkpoint), train)
+        stages.save_quantized(qm, args.out, "ptq", source)
+        if source.kind == DEMO:  # mAP needs the demo detector's decoder
+            print(f"PTQ mAP@0.5:0.95 {evaluate(torch_predictor(qm), val, quiet=cfg.quiet)['map']:.4f}; "
+                  f"wrote {args.out}")
+        else:
+            print(f"wrote {args.out}")
     elif cmd == "qat":
         state_path = Path(args.out).with_suffix(".state.pt")
         qm = stages.qat(cfg, stages.load_quantized(args.checkpoint).train(), train, state_path=state_path,
@@ -252,8 +281,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         from ..verify import verify
 
         qm = stages.load_quantized(args.checkpoint)
+        from .models.detector import TinyYolo
+
+        metric = (lambda predict: evaluate(predict, val)["map"]) if isinstance(qm, TinyYolo) else None  # demo mAP
         report = verify(qm, args.onnx, stages.val_batches(val, cfg.batch_size), runtime=args.runtime,
-                        precision=args.precision, metric=lambda predict: evaluate(predict, val)["map"])
+                        precision=args.precision, metric=metric)
         print(json.dumps(report.as_dict(), indent=2))
     return 0
 

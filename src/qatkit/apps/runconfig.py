@@ -23,6 +23,9 @@ class RunConfig(BaseModel):
     img_size: int = Field(160, ge=32)
     n_train: int = Field(3000, ge=1)
     n_val: int = Field(500, ge=1)
+    # the float model (docs/models.md): demo (the detector from float_checkpoint), an ultralytics yaml or `yolo
+    # train` .pt, or package.module:factory
+    model: str = "demo"
     float_checkpoint: Path = DEMO_FLOAT
     recipe: str | dict = "onnxruntime"  # built-in name, a .yaml path, or a recipe dict
     method: str = "mse"  # calibrator for PTQ

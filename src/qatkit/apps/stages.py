@@ -16,6 +16,7 @@ from ..calibrate import calibrate
 from ..checkpoint import atomic_save, checkpoint_metadata, header, load, read_checkpoint, save
 from .data import CocoDetection, collate, generate_shapes
 from .eval.detect import evaluate, torch_predictor
+from .model_source import DEMO, ModelSource, infer_source, parse_model, rebuild
 from .models.detector import TinyYolo, build_detector, config_dict
 from ..quantize import freeze, quantize
 from .runconfig import RunConfig
@@ -70,9 +71,15 @@ def load_float(path: str | Path) -> TinyYolo:
 
 
 def factory_of(path: str | Path):
-    """The float-model factory recorded in a quantized checkpoint's metadata."""
-    config = checkpoint_metadata(path).get("detector_config")
-    return lambda: build_detector(config)
+    """The float-model factory recorded in a quantized checkpoint's metadata (its model source, see
+    :mod:`qatkit.apps.model_source`; a checkpoint without one is the demo detector)."""
+    meta = checkpoint_metadata(path)
+    return lambda: rebuild(meta.get("model"), meta.get("detector_config"))
+
+
+def float_model(cfg: RunConfig) -> nn.Module:
+    """The run's float model: ``cfg.model`` (demo: the detector from ``cfg.float_checkpoint``)."""
+    return parse_model(cfg.model).build(cfg.float_checkpoint)
 
 
 def train_float(cfg: RunConfig, out: str | Path) -> tuple[TinyYolo, dict]:
@@ -110,8 +117,16 @@ def qat(cfg: RunConfig, qm: nn.Module, train: CocoDetection, *, state_path: str 
                           resume=resume, step_hooks=hooks, distiller=distiller)
 
 
-def save_quantized(qm: nn.Module, path: str | Path, stage: str) -> Path:
-    return save(qm, path, metadata={"stage": stage, "detector_config": config_dict(qm)})
+def save_quantized(qm: nn.Module, path: str | Path, stage: str, source: ModelSource | None = None) -> Path:
+    """Save ``qm`` with its model source in the metadata, so :func:`load_quantized` needs only ``path``.
+
+    ``source`` defaults to what ``qm`` is (the demo detector or an ultralytics model); pass it for other models.
+    """
+    source = source or infer_source(qm)
+    metadata = {"stage": stage, "model": source.record(qm)}
+    if source.kind == DEMO:
+        metadata["detector_config"] = config_dict(qm)
+    return save(qm, path, metadata=metadata)
 
 
 def load_quantized(path: str | Path) -> nn.Module:
