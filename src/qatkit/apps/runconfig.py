@@ -18,7 +18,8 @@ DEMO_FLOAT = ASSETS / "demo_float.pt"
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: Path = Path("data/shapes")  # a COCO-format dataset root; generated if it is the shapes set and missing
+    # a COCO-format dataset root (the shapes set is generated there when missing) or an ultralytics data.yaml
+    data: Path = Path("data/shapes")
     generate: bool = True  # generate the shapes dataset at `data` when missing
     img_size: int = Field(160, ge=32)
     n_train: int = Field(3000, ge=1)

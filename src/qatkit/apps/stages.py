@@ -14,7 +14,7 @@ from torch import nn
 
 from ..calibrate import calibrate
 from ..checkpoint import atomic_save, checkpoint_metadata, header, load, read_checkpoint, save
-from .data import CocoDetection, collate, generate_shapes
+from .data import CocoDetection, DetectionDataset, YoloDetection, collate, generate_shapes
 from .eval.detect import evaluate, torch_predictor
 from .model_source import DEMO, ModelSource, infer_source, parse_model, rebuild
 from .models.detector import TinyYolo, build_detector, config_dict
@@ -30,8 +30,6 @@ def datasets(cfg: RunConfig) -> tuple[DetectionDataset, DetectionDataset]:
     """(train, val) from ``cfg.data``: a ``.yaml``/``.yml`` file is an ultralytics YOLO data.yaml, anything else a
     COCO root (root/annotations/instances_<split>.json), where the shapes set is generated when missing
     (docs/data.md)."""
-    from .data import DetectionDataset, YoloDetection  # noqa: F401 (DetectionDataset: the annotation)
-
     root = Path(cfg.data)
     if root.suffix.lower() in (".yaml", ".yml"):
         return YoloDetection(root, "train", cfg.img_size, augment=True), YoloDetection(root, "val", cfg.img_size)
@@ -41,7 +39,7 @@ def datasets(cfg: RunConfig) -> tuple[DetectionDataset, DetectionDataset]:
     return CocoDetection(root, "train", cfg.img_size, augment=True), CocoDetection(root, "val", cfg.img_size)
 
 
-def image_batches(dataset: CocoDetection, n_batches: int, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+def image_batches(dataset: DetectionDataset, n_batches: int, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
     """``n_batches`` of images (no targets, no augmentation) drawn reproducibly from ``seed`` alone: what
     calibration needs (augmentation would tie the batches to the global RNG state)."""
     g = torch.Generator().manual_seed(seed)
@@ -53,7 +51,7 @@ def image_batches(dataset: CocoDetection, n_batches: int, batch_size: int, seed:
         yield torch.stack([dataset.image(i) for i in idx])
 
 
-def val_batches(dataset: CocoDetection, batch_size: int) -> Iterator[torch.Tensor]:
+def val_batches(dataset: DetectionDataset, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(dataset), batch_size):
         yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
 
@@ -92,7 +90,7 @@ def train_float(cfg: RunConfig, out: str | Path) -> tuple[TinyYolo, dict]:
     return ema, metrics
 
 
-def ptq(cfg: RunConfig, float_model: nn.Module, train: CocoDetection) -> nn.Module:
+def ptq(cfg: RunConfig, float_model: nn.Module, train: DetectionDataset) -> nn.Module:
     qm = copy.deepcopy(float_model)
     example = (torch.zeros(1, 3, cfg.img_size, cfg.img_size),)
     quantize(qm, cfg.recipe, example)
@@ -100,7 +98,7 @@ def ptq(cfg: RunConfig, float_model: nn.Module, train: CocoDetection) -> nn.Modu
     return qm
 
 
-def qat(cfg: RunConfig, qm: nn.Module, train: CocoDetection, *, state_path: str | Path | None = None,
+def qat(cfg: RunConfig, qm: nn.Module, train: DetectionDataset, *, state_path: str | Path | None = None,
         resume: bool = False) -> nn.Module:
     """QAT fine-tuning with the run's freeze schedule; ``state_path`` checkpoints the run for ``resume``."""
     if cfg.qat_steps == 0:
