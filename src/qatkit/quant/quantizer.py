@@ -87,11 +87,45 @@ class _DequantConstExport(torch.autograd.Function):
         return _typed_like(g.op(f"{domain}DequantizeLinear", *inputs, **kwargs), y)
 
 
+class _FakeQuantPerChannelCPU(torch.autograd.Function):
+    """``torch.fake_quantize_per_channel_affine`` in vectorized ops, bit for bit, for float32 CPU tensors.
+
+    PyTorch's CPU kernel for it is a scalar loop (a division and a ``nearbyint`` per element, run twice: output, then
+    mask): on the demo detector it was a fifth of a QAT step at 32 px (docs/qat_overhead.md). The same arithmetic
+    in whole-tensor ops: ``q = nearbyint(x * (1/s)) + zp`` (float32 product, round half to even), mask
+    ``qmin <= q <= qmax``, output ``(clamp(q) - zp) * s``; ``q - zp`` is an integer below 2**17, so the product
+    rounds once to the same float32 the kernel's double product narrows to. Backward is the kernel's: grad * mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, axis, qmin, qmax):  # noqa: D401 - torch API
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        zp = zero_point.reshape(shape).to(torch.float32)
+        q = torch.round(x * torch.reciprocal(scale).reshape(shape)).add_(zp)
+        mask = (q >= qmin).logical_and_(q <= qmax)
+        ctx.save_for_backward(mask)
+        return q.clamp_(qmin, qmax).sub_(zp).mul_(scale.reshape(shape))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None, None
+
+
+def _fake_quantize_per_channel_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+                                   qmin: int, qmax: int) -> torch.Tensor:
+    return _FakeQuantPerChannelCPU.apply(x, scale, zero_point, axis, qmin, qmax)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None) -> torch.Tensor:
-    """Round-and-clip onto the grid with a straight-through gradient (PyTorch's fused kernels)."""
+    """Round-and-clip onto the grid with a straight-through gradient (PyTorch's fused kernels; per channel on a
+    float32 CPU tensor, the same arithmetic in vectorized ops, :class:`_FakeQuantPerChannelCPU`)."""
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()).int(), qmin, qmax)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32:
+        return _fake_quantize_per_channel_cpu(x, scale, zero_point, axis % x.ndim, qmin, qmax)
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis % x.ndim, qmin, qmax)
 
 
