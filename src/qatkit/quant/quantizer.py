@@ -87,45 +87,58 @@ class _DequantConstExport(torch.autograd.Function):
         return _typed_like(g.op(f"{domain}DequantizeLinear", *inputs, **kwargs), y)
 
 
-class _FakeQuantPerChannelCPU(torch.autograd.Function):
-    """``torch.fake_quantize_per_channel_affine`` in vectorized ops, bit for bit, for float32 CPU tensors.
+VECTORIZED_MIN_NUMEL = 8192  # below this, PyTorch's kernel is as fast and is one op (one dispatch) instead of eight
 
-    PyTorch's CPU kernel for it is a scalar loop (a division and a ``nearbyint`` per element, run twice: output, then
-    mask): on the demo detector it was a fifth of a QAT step at 32 px (docs/qat_overhead.md). The same arithmetic
-    in whole-tensor ops: ``q = nearbyint(x * (1/s)) + zp`` (float32 product, round half to even), mask
-    ``qmin <= q <= qmax``, output ``(clamp(q) - zp) * s``; ``q - zp`` is an integer below 2**17, so the product
-    rounds once to the same float32 the kernel's double product narrows to. Backward is the kernel's: grad * mask.
+
+class _FakeQuantizeCPU(torch.autograd.Function):
+    """PyTorch's fake-quant (per tensor or per channel) in vectorized ops, bit for bit, for float32 CPU tensors.
+
+    PyTorch's CPU kernels for ``fake_quantize_per_{tensor,channel}_affine`` are scalar loops (a ``nearbyint`` per
+    element; per channel also a division per element, and a second pass for the mask): 29 ms for one
+    16x32x80x80 activation, where the same arithmetic in whole-tensor ops takes 8 ms (docs/qat_overhead.md). The
+    arithmetic, as the kernels do it: ``q = nearbyint(x * (1/s)) + zp`` (float32 product, round half to even), mask
+    ``qmin <= q <= qmax``, output ``(clamp(q) - zp) * s``; ``q - zp`` is an integer below 2**17, so the product rounds
+    once to the same float32 as the kernels' products. Backward is the kernels': ``grad * mask``.
+    ``scale``/``zero_point`` come shaped to broadcast against ``x`` (0-d per tensor, ``[1, C, 1, ...]`` per channel).
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, axis, qmin, qmax):  # noqa: D401 - torch API
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        zp = zero_point.reshape(shape).to(torch.float32)
-        q = torch.round(x * torch.reciprocal(scale).reshape(shape)).add_(zp)
+    def forward(ctx, x, scale, zero_point, qmin, qmax):  # noqa: D401 - torch API
+        zp = zero_point.to(torch.float32)
+        q = torch.round(x * torch.reciprocal(scale)).add_(zp)
         mask = (q >= qmin).logical_and_(q <= qmax)
         ctx.save_for_backward(mask)
-        return q.clamp_(qmin, qmax).sub_(zp).mul_(scale.reshape(shape))
+        return q.clamp_(qmin, qmax).sub_(zp).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        return grad * mask, None, None, None, None
 
 
-def _fake_quantize_per_channel_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
-                                   qmin: int, qmax: int) -> torch.Tensor:
-    return _FakeQuantPerChannelCPU.apply(x, scale, zero_point, axis, qmin, qmax)
+def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32
+            and x.numel() >= VECTORIZED_MIN_NUMEL)
+
+
+def _fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None,
+                       qmin: int, qmax: int) -> torch.Tensor:
+    """:class:`_FakeQuantizeCPU` with ``scale``/``zero_point`` shaped for ``axis`` (None: per tensor)."""
+    if axis is None:
+        return _FakeQuantizeCPU.apply(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return _FakeQuantizeCPU.apply(x, scale.reshape(shape), zero_point.reshape(shape), qmin, qmax)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None) -> torch.Tensor:
-    """Round-and-clip onto the grid with a straight-through gradient (PyTorch's fused kernels; per channel on a
-    float32 CPU tensor, the same arithmetic in vectorized ops, :class:`_FakeQuantPerChannelCPU`)."""
+    """Round-and-clip onto the grid with a straight-through gradient (PyTorch's fused kernels; on a float32 CPU
+    tensor of 8192 elements or more, the same arithmetic in vectorized ops, :class:`_FakeQuantizeCPU`)."""
+    if _vectorizable(x, scale):
+        return _fake_quantize_cpu(x, scale, zero_point, None if axis is None else axis % x.ndim, qmin, qmax)
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()).int(), qmin, qmax)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32:
-        return _fake_quantize_per_channel_cpu(x, scale, zero_point, axis % x.ndim, qmin, qmax)
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis % x.ndim, qmin, qmax)
 
 
