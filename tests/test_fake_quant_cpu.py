@@ -53,3 +53,23 @@ def test_quantizer_takes_vectorized_path_on_large_tensors():
     x = torch.randn(4, 16, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.5
     ref = torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
     assert torch.equal(_bits(q(x)), _bits(ref))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_non_finite_inputs_as_the_kernels(per_channel):
+    """NaN and -inf map to qmin (the kernels' fmax ignores NaN), huge values as the kernels do, masks false."""
+    x = torch.randn(4, 8, 16, 16)
+    x[0, 0, 0, :5] = torch.tensor([float("nan"), float("-inf"), 1e30, -1e30, float("inf")])
+    scale = torch.full((8,), 0.05) if per_channel else torch.tensor(0.05)
+    zp = torch.full((8,), 3, dtype=torch.int32) if per_channel else torch.tensor(3, dtype=torch.int32)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if per_channel:
+        ya = torch.fake_quantize_per_channel_affine(xa, scale, zp, 1, 0, 255)
+    else:
+        ya = torch.fake_quantize_per_tensor_affine(xa, scale, zp, 0, 255)
+    yb = _fake_quantize_cpu(xb, scale, zp, 1 if per_channel else None, 0, 255)
+    assert torch.equal(_bits(ya), _bits(yb))
+    grad = torch.randn_like(x)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert torch.equal(_bits(xa.grad), _bits(xb.grad))

@@ -7,6 +7,7 @@ by the same torch op, so the ONNX graph holds exactly the integers the trained m
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import torch
@@ -87,6 +88,7 @@ class _DequantConstExport(torch.autograd.Function):
         return _typed_like(g.op(f"{domain}DequantizeLinear", *inputs, **kwargs), y)
 
 
+_CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
 VECTORIZED_MIN_NUMEL = 8192  # below this, PyTorch's kernel is as fast and is one op (one dispatch) instead of eight
 
 
@@ -97,18 +99,25 @@ class _FakeQuantizeCPU(torch.autograd.Function):
     element; per channel also a division per element, and a second pass for the mask): 29 ms for one
     16x32x80x80 activation, where the same arithmetic in whole-tensor ops takes 8 ms (docs/qat_overhead.md). The
     arithmetic, as the kernels do it: ``q = nearbyint(x * (1/s)) + zp`` (float32 product, round half to even), mask
-    ``qmin <= q <= qmax``, output ``(clamp(q) - zp) * s``; ``q - zp`` is an integer below 2**17, so the product rounds
-    once to the same float32 as the kernels' products. Backward is the kernels': ``grad * mask``.
+    ``qmin <= q <= qmax``, output ``(fmin(fmax(q, qmin), qmax) - zp) * s``; ``q - zp`` is an integer below 2**17, so
+    the product rounds once to the same float32 as the kernels' products. Backward is the kernels': ``grad * mask``.
+    The per-channel kernel casts ``q`` to int64 before clamping: on x86 a ``q`` of 2**63 or more (+inf included)
+    becomes int64's minimum, hence qmin (ARM saturates to qmax, as fmin does); that is reproduced too.
     ``scale``/``zero_point`` come shaped to broadcast against ``x`` (0-d per tensor, ``[1, C, 1, ...]`` per channel).
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax):  # noqa: D401 - torch API
         zp = zero_point.to(torch.float32)
-        q = torch.round(x * torch.reciprocal(scale)).add_(zp)
-        mask = (q >= qmin).logical_and_(q <= qmax)
+        q = (x * torch.reciprocal(scale)).round_().add_(zp)
+        if scale.ndim and _CAST_OVERFLOW_TO_MIN:  # the per-channel kernel casts q to int64 before clamping
+            q.masked_fill_(q >= 2.0**63, float("-inf"))
+        # fmax/fmin as the kernels' std::fmax/fmin: a NaN maps to qmin (clamp would keep it); mask false for NaN/inf
+        c = torch.fmax(q, q.new_tensor(float(qmin)))
+        torch.fmin(c, q.new_tensor(float(qmax)), out=c)
+        mask = c == q
         ctx.save_for_backward(mask)
-        return q.clamp_(qmin, qmax).sub_(zp).mul_(scale)
+        return c.sub_(zp).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
