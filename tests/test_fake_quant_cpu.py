@@ -3,7 +3,7 @@ per channel, on 8- and 16-bit, signed and unsigned grids, with exact ties."""
 import pytest
 import torch
 
-from qatkit.quant.quantizer import FakeQuantizer, _fake_quantize_cpu
+from qatkit.quant.quantizer import FakeQuantizer, _fake_quantize_cpu, _vectorizable
 from qatkit.quant.scheme import QuantScheme
 
 GRIDS = [(-128, 127), (0, 255), (-127, 127), (-32768, 32767), (0, 65535), (-8, 7), (0, 15)]
@@ -52,7 +52,13 @@ def test_quantizer_takes_vectorized_path_on_large_tensors():
     q.set_range(torch.tensor(-1.0), torch.tensor(2.0))
     x = torch.randn(4, 16, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.5
     ref = torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
-    assert torch.equal(_bits(q(x)), _bits(ref))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _vectorizable(x, q.scale)
+        assert torch.equal(_bits(q(x)), _bits(ref))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

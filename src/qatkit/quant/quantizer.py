@@ -97,10 +97,11 @@ class _FakeQuantizeCPU(torch.autograd.Function):
 
     PyTorch's CPU kernels for ``fake_quantize_per_{tensor,channel}_affine`` are scalar loops (a ``nearbyint`` per
     element; per channel also a division per element, and a second pass for the mask): 29 ms for one
-    16x32x80x80 activation, where the same arithmetic in whole-tensor ops takes 8 ms (docs/qat_overhead.md). The
-    arithmetic, as the kernels do it: ``q = nearbyint(x * (1/s)) + zp`` (float32 product, round half to even), mask
-    ``qmin <= q <= qmax``, output ``(fmin(fmax(q, qmin), qmax) - zp) * s``; ``q - zp`` is an integer below 2**17, so
-    the product rounds once to the same float32 as the kernels' products. Backward is the kernels': ``grad * mask``.
+    16x32x80x80 activation, where the same arithmetic in whole-tensor ops takes under 10 ms, forward and backward
+    (docs/qat_overhead.md). The arithmetic, as the kernels do it: ``q = nearbyint(x * (1/s)) + zp`` (float32
+    product, round half to even), mask ``qmin <= q <= qmax``, output ``(fmin(fmax(q, qmin), qmax) - zp) * s`` (a NaN
+    becomes qmin); ``q - zp`` is an integer below 2**17, so the product rounds once to the same float32 as the
+    kernels' products. Backward is the kernels': ``grad * mask``.
     The per-channel kernel casts ``q`` to int64 before clamping: on x86 a ``q`` of 2**63 or more (+inf included)
     becomes int64's minimum, hence qmin (ARM saturates to qmax, as fmin does); that is reproduced too.
     ``scale``/``zero_point`` come shaped to broadcast against ``x`` (0-d per tensor, ``[1, C, 1, ...]`` per channel).
@@ -112,10 +113,11 @@ class _FakeQuantizeCPU(torch.autograd.Function):
         q = (x * torch.reciprocal(scale)).round_().add_(zp)
         if scale.ndim and _CAST_OVERFLOW_TO_MIN:  # the per-channel kernel casts q to int64 before clamping
             q.masked_fill_(q >= 2.0**63, float("-inf"))
-        # fmax/fmin as the kernels' std::fmax/fmin: a NaN maps to qmin (clamp would keep it); mask false for NaN/inf
-        c = torch.fmax(q, q.new_tensor(float(qmin)))
-        torch.fmin(c, q.new_tensor(float(qmax)), out=c)
-        mask = c == q
+        c = q.clamp(qmin, qmax)
+        mask = c == q  # false for NaN and +-inf, as the kernels' qmin <= q <= qmax
+        # the kernels clamp with std::fmax/fmin, which map a NaN to qmin (torch.fmax/fmin would too, but they are
+        # scalar loops, ten times slower than clamp + nan_to_num)
+        c.nan_to_num_(nan=float(qmin), posinf=float("inf"), neginf=float("-inf"))
         ctx.save_for_backward(mask)
         return c.sub_(zp).mul_(scale)
 
@@ -126,8 +128,10 @@ class _FakeQuantizeCPU(torch.autograd.Function):
 
 
 def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """One torch thread only: with two, on a machine shared with another job, its eight parallel regions lost to
+    the kernel's one (82 vs 58 ms forward and backward on a 16x32x80x80 activation, docs/qat_overhead.md)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32
-            and x.numel() >= VECTORIZED_MIN_NUMEL)
+            and x.numel() >= VECTORIZED_MIN_NUMEL and torch.get_num_threads() == 1)
 
 
 def _fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None,
@@ -143,7 +147,8 @@ def _fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None) -> torch.Tensor:
     """Round-and-clip onto the grid with a straight-through gradient (PyTorch's fused kernels; on a float32 CPU
-    tensor of 8192 elements or more, the same arithmetic in vectorized ops, :class:`_FakeQuantizeCPU`)."""
+    tensor of 8192 elements or more, with one torch thread, the same arithmetic in vectorized ops,
+    :class:`_FakeQuantizeCPU`)."""
     if _vectorizable(x, scale):
         return _fake_quantize_cpu(x, scale, zero_point, None if axis is None else axis % x.ndim, qmin, qmax)
     if axis is None:
