@@ -97,7 +97,7 @@ class _FakeQuantizeCPU(torch.autograd.Function):
 
     PyTorch's CPU kernels for ``fake_quantize_per_{tensor,channel}_affine`` are scalar loops (a ``nearbyint`` per
     element; per channel also a division per element, and a second pass for the mask): 29 ms for one
-    16x32x80x80 activation, where the same arithmetic in whole-tensor ops takes under 10 ms, forward and backward
+    16x32x80x80 activation, where the same arithmetic in whole-tensor ops takes about 10 ms, forward and backward
     (docs/qat_overhead.md). The arithmetic, as the kernels do it: ``q = nearbyint(x * (1/s)) + zp`` (float32
     product, round half to even), mask ``qmin <= q <= qmax``, output ``(fmin(fmax(q, qmin), qmax) - zp) * s`` (a NaN
     becomes qmin); ``q - zp`` is an integer below 2**17, so the product rounds once to the same float32 as the
