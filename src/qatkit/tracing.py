@@ -7,12 +7,10 @@ capture time and at run time, which is what lets qatkit attach quantizers to fun
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import call_key, op_key, parse_key
+from .plan import parse_key
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -89,42 +87,72 @@ def is_leaf(module: nn.Module) -> bool:
     return isinstance(module, LEAF_TYPES) and not module._modules
 
 
-@dataclass
 class Frame:
-    """One module call in progress: its key and a counter per op name for the functional ops it runs."""
+    """One module call in progress: its key and a counter per op name for the functional ops it runs.
 
-    key: str
-    module: nn.Module
-    leaf: bool
-    counts: dict[str, int] = field(default_factory=dict)
+    ``site`` is the plan's site for this call, looked up once by the run-time hooks (None during capture or where
+    the plan has none).
+    """
+
+    __slots__ = ("key", "module", "leaf", "counts", "site")
+
+    def __init__(self, key: str, module: nn.Module, leaf: bool) -> None:
+        self.key, self.module, self.leaf = key, module, leaf
+        self.counts: dict[str, int] = {}
+        self.site = None
 
 
 class CallTracker:
-    """Keeps the stack of module calls of one root forward and hands out stable keys."""
+    """Keeps the stack of module calls of one root forward and hands out stable keys.
+
+    Per call it does a few dict lookups: leaf-ness is cached per module type (plus the module's live ``_modules``
+    check), a child's name in its parent per (parent, child) pair, re-checked against the parent's ``_modules``.
+    """
 
     def __init__(self, root: nn.Module) -> None:
         self.names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
         self.stack: list[Frame] = []
         self.calls: dict[str, int] = {}
+        self._leaf_type: dict[type, bool] = {}
+        self._child: dict[tuple[int, int], str] = {}
 
     def reset(self) -> None:
         self.stack.clear()
         self.calls.clear()
 
+    def _child_name(self, parent: nn.Module, module: nn.Module) -> str | None:
+        """The first name under which ``parent`` holds ``module`` (None: not its child)."""
+        children = parent._modules
+        ck = (id(parent), id(module))
+        name = self._child.get(ck)
+        if name is not None and children.get(name) is module:
+            return name
+        for name, child in children.items():
+            if child is module:
+                self._child[ck] = name
+                return name
+        return None
+
     def _path(self, module: nn.Module) -> str:
         """Path of ``module`` as seen from its caller: a shared module gets the name its parent uses."""
         if self.stack:
             parent = self.stack[-1]
-            for name, child in parent.module._modules.items():
-                if child is module:
-                    return f"{parse_key(parent.key).module}.{name}".lstrip(".")
+            name = self._child_name(parent.module, module)
+            if name is not None:
+                key = parent.key
+                scope = parse_key(key).module if ("@" in key or "/" in key) else key
+                return f"{scope}.{name}".lstrip(".")
         return self.names.get(id(module), type(module).__name__)
 
     def push(self, module: nn.Module) -> Frame:
         path = self._path(module) if self.stack else ""
         n = self.calls.get(path, 0)
         self.calls[path] = n + 1
-        frame = Frame(call_key(path, n), module, is_leaf(module))
+        key = path if n == 0 else f"{path}@{n}"  # call_key(path, n)
+        leaf = self._leaf_type.get(type(module))
+        if leaf is None:
+            leaf = self._leaf_type[type(module)] = isinstance(module, LEAF_TYPES)
+        frame = Frame(key, module, leaf and not module._modules)
         self.stack.append(frame)
         return frame
 
@@ -138,6 +166,7 @@ class CallTracker:
     def op_key(self, func) -> str:
         frame = self.stack[-1]
         name = func_name(func)
-        n = frame.counts.get(name, 0)
-        frame.counts[name] = n + 1
-        return op_key(frame.key, name, n)
+        counts = frame.counts
+        n = counts.get(name, 0)
+        counts[name] = n + 1
+        return f"{frame.key}/{name}#{n}"  # op_key(frame.key, name, n)

@@ -35,21 +35,26 @@ class FunctionDispatch(TorchFunctionMode):
         self.hooks = hooks
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self.on_function(func, args, kwargs or {})
+        if kwargs is None:
+            kwargs = {}
+        hooks = self.hooks
+        stack = hooks.tracker.stack
+        if hooks._paused or not stack:
+            return func(*args, **kwargs)
+        frame = stack[-1]
+        if frame.leaf:
+            site = frame.site  # looked up once by the layer's pre-hook
+            return func(*args, **kwargs) if site is None else hooks.run.layer_op(site, func, args, kwargs)
+        return self.on_function(func, args, kwargs)
 
     def on_function(self, func: Callable, args, kwargs):
+        """An op in a non-leaf module's ``forward``: keyed by the call tracker, run at its site if it has one."""
         hooks = self.hooks
-        frame = hooks.tracker.top
-        if hooks.is_paused or frame is None:
-            return func(*args, **kwargs)
-        state, run = hooks.state, hooks.run
-        if frame.leaf:
-            site = state.sites.get(frame.key)
-            return func(*args, **kwargs) if site is None else run.layer_op(site, func, args, kwargs)
         if not reads_float(args, kwargs):
             # integer/shape arithmetic: under torch.jit tracing (ONNX export) ``H * W`` of sizes becomes a tensor op;
             # counting it would shift the keys of the model's real ops
             return func(*args, **kwargs)
+        state, run = hooks.state, hooks.run
         key = hooks.tracker.op_key(func)
         hooks.check_seen(key)
         site = state.sites.get(key)

@@ -25,6 +25,64 @@ def _quantizing(*quantizers: FakeQuantizer) -> bool:
     return all(bool(q.fake_quant_enabled) and q.is_calibrated for q in quantizers)
 
 
+_SCALARS = (int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.memory_format,
+            torch.layout)  # pytree leaves that are never tensors
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _flat_tensors(args) -> list | None:
+    """The leaves of a call's positional arguments, as ``tree_flatten`` orders them, where they are tensors,
+    scalars and plain lists/tuples of tensors; None for anything else (the caller then uses ``tree_flatten``)."""
+    leaves = []
+    for a in args:
+        t = type(a)
+        if t in _PLAIN_TENSORS or t in _SCALARS:
+            leaves.append(a)
+        elif t is list or t is tuple:
+            for b in a:
+                if type(b) not in _PLAIN_TENSORS:
+                    return None
+            leaves.extend(a)
+        else:
+            return None
+    return leaves
+
+
+def _quantize_flat(run: "SiteExecutor", site: Site, tree):
+    """:meth:`SiteExecutor.quantize_inputs` without pytree for the common calls: a tuple of plain arguments (module
+    inputs) or ``(args, kwargs)`` whose kwargs hold scalars only. None where the tree has another shape."""
+    if type(tree) is not tuple:
+        return None
+    if len(tree) == 2 and type(tree[0]) is tuple and type(tree[1]) is dict:  # (args, kwargs) of a functional op
+        args, kwargs = tree
+        for v in kwargs.values():
+            if type(v) not in _SCALARS:
+                return None
+        new = _quantize_flat(run, site, args)
+        return None if new is None else (new, kwargs)
+    if _flat_tensors(tree) is None:
+        return None
+    inputs = site.inputs
+    out = []
+    idx = 0
+    for a in tree:
+        t = type(a)
+        if t in _PLAIN_TENSORS:
+            key = inputs.get(idx)
+            out.append(run.act(key, a) if key is not None and a.is_floating_point() else a)
+            idx += 1
+        elif t is list or t is tuple:
+            items = []
+            for b in a:
+                key = inputs.get(idx)
+                items.append(run.act(key, b) if key is not None and b.is_floating_point() else b)
+                idx += 1
+            out.append(t(items))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
 class SiteExecutor:
     """Applies sites of ``state``'s plan with ``state``'s quantizers; no knowledge of hooks or call tracking.
 
@@ -46,6 +104,9 @@ class SiteExecutor:
 
     def quantize_inputs(self, site: Site, tree):
         """The site's input quantizers on the floating tensors of ``tree``, counted in flattening order."""
+        fast = _quantize_flat(self, site, tree)
+        if fast is not None:
+            return fast
         leaves, spec = tree_flatten(tree)
         idx = 0
         for i, leaf in enumerate(leaves):
@@ -63,6 +124,8 @@ class SiteExecutor:
             key = None if site.fold_bn is not None else self.state.sites[site.fold_into].output
         if key is None:
             return out
+        if type(out) in _PLAIN_TENSORS:  # tree_map's one leaf, without pytree
+            return self.act(key, out) if out.is_floating_point() else out
         return tree_map(lambda t: self.act(key, t) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         else t, out)
 

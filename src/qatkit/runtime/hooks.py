@@ -70,8 +70,10 @@ class ModelHooks:
 
     def check_seen(self, key: str) -> None:
         """Warn once when an op runs that capture never saw: it has no quantizer, so it runs float."""
+        if self._warned:
+            return
         state = self.state
-        if state.known and key not in state.known and not self._warned and state.recorder is None:
+        if state.known and key not in state.known and state.recorder is None:
             self._warned = True
             warnings.warn(f"qatkit: '{key}' did not run when the model was captured (control flow that depends on "
                           "the input or on train/eval mode), so it runs float; capture with example inputs that take "
@@ -93,8 +95,7 @@ class ModelHooks:
             self.state.recorder.inputs(args)
         site = self.state.sites.get(ROOT)
         if site is not None and site.inputs:
-            with self.paused():
-                args = self.run.quantize_inputs(site, args)
+            args = self._quantize_paused(self.run.quantize_inputs, site, args)
         self._active = True
         if self.state.functional:
             self._enter_mode()
@@ -108,34 +109,46 @@ class ModelHooks:
             self.state.recorder.model_outputs(output)
         return output
 
+    def _quantize_paused(self, fn, site, tree):
+        """``fn(site, tree)`` with the mode paused (what :meth:`paused` does, without a generator per call)."""
+        prev, self._paused = self._paused, True
+        try:
+            return fn(site, tree)
+        finally:
+            self._paused = prev
+
     def _module_pre(self, module: nn.Module, args):
         if not self._active:  # called outside the root's forward: plain float module
             return None
         frame = self.tracker.push(module)
         if not frame.leaf:
             return None
-        self.check_seen(frame.key)
-        if self.state.recorder is not None:
-            self.state.recorder.module_call(frame.key, module_of(frame.key), module, args)
-        site = self.state.sites.get(frame.key)
-        if not self.state.functional and site is not None and site.weight is not None:
+        key = frame.key
+        self.check_seen(key)
+        state = self.state
+        if state.recorder is not None:
+            state.recorder.module_call(key, module_of(key), module, args)
+        site = frame.site = state.sites.get(key)  # the mode runs this site for the layer's own op
+        if site is None:
+            return None
+        if not state.functional and site.weight is not None:
             self._enter_mode()  # capture fallback: the mode runs only inside this layer, for its weight
-        if site is not None and site.inputs:
-            with self.paused():
-                return self.run.quantize_inputs(site, args)
+        if site.inputs:
+            return self._quantize_paused(self.run.quantize_inputs, site, args)
         return None
 
     def _module_post(self, module: nn.Module, args, output):
-        if not self._active or not self.tracker.stack:
+        stack = self.tracker.stack
+        if not self._active or not stack:
             return output
-        frame = self.tracker.pop()
+        frame = stack.pop()
         if frame.leaf:
-            if not self.state.functional:
+            state = self.state
+            if not state.functional:
                 self._exit_mode()
-            site = self.state.sites.get(frame.key)
+            site = frame.site
             if site is not None and (site.output is not None or site.fold_into is not None):
-                with self.paused():
-                    output = self.run.quantize_output(site, output)
-            if self.state.recorder is not None:
-                self.state.recorder.module_return(frame.key, output)
+                output = self._quantize_paused(self.run.quantize_output, site, output)
+            if state.recorder is not None:
+                state.recorder.module_return(frame.key, output)
         return output
