@@ -13,18 +13,10 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import QatkitError
+from .onnx_graph import constant_tensors
 from .quant.quantizer import INT16_CONTAINERS, INT16_DOMAIN
 
 OPSET_INT16 = 21  # first opset whose QuantizeLinear/DequantizeLinear take int16/uint16
-
-
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Every constant tensor of the graph by name: initializers and Constant nodes' values."""
-    found = {t.name: t for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant":
-            found |= {n.output[0]: a.t for a in n.attribute if a.name == "value"}
-    return found
 
 
 def _narrow(tensor: onnx.TensorProto, container: str) -> None:
@@ -50,7 +42,7 @@ def widen_int16(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(n.domain == INT16_DOMAIN for n in model.graph.node):
         return model
     model = version_converter.convert_version(model, OPSET_INT16)
-    consts = _constants(model.graph)
+    consts = constant_tensors(model.graph)
     narrowed: set[str] = set()
     for node in model.graph.node:
         if node.domain != INT16_DOMAIN:

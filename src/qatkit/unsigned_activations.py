@@ -13,15 +13,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .onnx_graph import constant_values
+
 SHIFTS = {np.dtype(np.int8): (np.uint8, 128), np.dtype(np.int16): (np.uint16, 32768)}
-
-
-def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant":
-            values |= {n.output[0]: numpy_helper.to_array(a.t) for a in n.attribute if a.name == "value"}
-    return values
 
 
 def to_unsigned_activations(model: onnx.ModelProto) -> int:
@@ -40,7 +34,7 @@ def to_unsigned_activations(model: onnx.ModelProto) -> int:
         onnx.save(model, "model.u8.qdq.onnx")
     """
     graph = model.graph
-    consts = _constant_values(graph)
+    consts = constant_values(graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for name in n.input:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import torch
 from torch import nn
 
@@ -35,6 +34,7 @@ from .capture import tensors_of
 from .errors import DataError, QatkitError
 from .quant.quantizer import FakeQuantizer
 from .quantize import as_inputs, quantization_state
+from .onnx_graph import constant_values
 from .runtimes import Predictor, Runtime, open_runtime
 
 STEP_TOLERANCE = 1e-4  # relative slack on "one step" for float rounding in the comparison itself
@@ -86,11 +86,9 @@ class _Tally:
 def _activation_quantizers(model: onnx.ModelProto) -> list[tuple[str, np.ndarray]]:
     """(output, zero point) of each QuantizeLinear on an activation (weights are integer constants, not quantized
     in-graph). The zero point is read from the graph: an export with ``unsigned_activations`` shifts it."""
-    const = {t.name: t for t in model.graph.initializer}
-    const |= {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute}
-    return [(n.output[0], numpy_helper.to_array(const[n.input[2]]).reshape(-1)[:1] if len(n.input) > 2
-             else np.zeros(1, np.uint8)) for n in model.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[0] not in const]
+    const = constant_values(model.graph)
+    return [(n.output[0], const[n.input[2]].reshape(-1)[:1] if len(n.input) > 2 else np.zeros(1, np.uint8))
+            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in const]
 
 
 def _tapped_copy(onnx_path: Path, folder: Path) -> tuple[Path, list[tuple[str, int]], bool]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from torch import nn
 
+from ..onnx_graph import constant_values
 from ..plan import slot
 from ..quant.qparams import MIN_RANGE, collapsed, scale_floor
 from ..quantize import quantization_state
@@ -139,10 +139,7 @@ class _Graph:
         for n in g.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
-        self.const = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        for n in g.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
-                self.const[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.const = constant_values(g)
 
     def node_qparams(self, node) -> tuple | None:
         """(scale, zero point) of a Q or DQ node as comparable bytes; None if not constant."""
