@@ -22,6 +22,7 @@ from test_model_matrix import build
 from torch import nn
 
 import qatkit
+from qatkit.onnx_graph import constant_values
 from qatkit.apps import cli
 from qatkit.capture import tensors_of
 from qatkit.encodings import read_encodings, strip_qdq
@@ -109,9 +110,7 @@ def test_rebuilt_qdq_model_computes_exactly_what_the_qdq_export_computes(exporte
 def _bias_codes(path: Path) -> list[np.ndarray]:
     """The int32 constants read by DequantizeLinear (conv/linear biases), in graph order."""
     graph = onnx.load(str(path)).graph
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts |= {n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
-               for a in n.attribute}
+    consts = constant_values(graph)
     return [consts[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
             and consts[n.input[0]].dtype == np.int32]
 

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 import qatkit
+from qatkit.onnx_graph import constant_values
 from qatkit.apps.models.detector import DetectorConfig, TinyYolo
 
 
@@ -24,15 +24,14 @@ def _batches(n: int = 3, size: int = 16) -> list[torch.Tensor]:
     return [torch.randn(2, 3, size, size, generator=g) for _ in range(n)]
 
 
-def _zero_point_types(path) -> dict[str, int]:
-    """Container type of every QuantizeLinear zero point in the graph -> count."""
-    model = onnx.load(str(path))
-    consts = {t.name: t for t in model.graph.initializer}
-    consts |= {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute}
+def zero_point_types(path) -> dict[str, int]:
+    """Container type of every activation QuantizeLinear zero point in the graph -> count."""
+    graph = onnx.load(str(path)).graph
+    consts = constant_values(graph)
     types: dict[str, int] = {}
-    for n in model.graph.node:
-        if n.op_type == "QuantizeLinear":
-            dtype = numpy_helper.to_array(consts[n.input[2]]).dtype.name
+    for n in graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in consts:
+            dtype = consts[n.input[2]].dtype.name
             types[dtype] = types.get(dtype, 0) + 1
     return types
 
@@ -52,7 +51,7 @@ def test_a16w8_exports_opset21_and_agrees_with_ort(tmp_path, base, container):
     model = onnx.load(str(path))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [21]
     assert not [n for n in model.graph.node if n.domain == "qatkit"]
-    assert set(_zero_point_types(path)) == {container}
+    assert set(zero_point_types(path)) == {container}
     assert report.within_one_step >= 0.999 and report.max_steps <= 1.0
     assert report.free_running_within_one_step >= 0.999  # 16 bits: rounding flips are 256x smaller than at 8
 
@@ -63,7 +62,7 @@ def test_8bit_export_keeps_opset17(tmp_path):
     _export_and_verify(_net(), "onnxruntime", path, batches)
     model = onnx.load(str(path))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
-    assert set(_zero_point_types(path)) == {"uint8"}
+    assert set(zero_point_types(path)) == {"uint8"}
 
 
 def test_mixed_8_16_region_by_rule(tmp_path):
@@ -74,7 +73,7 @@ def test_mixed_8_16_region_by_rule(tmp_path):
     qm, report = _export_and_verify(_net(), recipe, path, batches)
     bits = {q.scheme.bits for q in qatkit.quantization_state(qm).quantizers.values() if not q.dynamic}
     assert bits == {8, 16}
-    types = _zero_point_types(path)
+    types = zero_point_types(path)
     assert set(types) == {"uint8", "uint16"}
     assert report.within_one_step >= 0.999 and report.max_steps <= 1.0
 
@@ -85,9 +84,7 @@ def test_16bit_weights_are_int16_constants(tmp_path):
     path = tmp_path / "w16.onnx"
     _, report = _export_and_verify(_net(), recipe, path, batches)
     model = onnx.load(str(path))
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    consts |= {n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
-               for a in n.attribute}
+    consts = constant_values(model.graph)
     weight_codes = [consts[n.input[0]] for n in model.graph.node
                     if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].ndim >= 2]
     assert weight_codes and all(w.dtype == np.int16 for w in weight_codes)
@@ -103,7 +100,7 @@ def test_a16w8_demo_detector_mse_calibration(tmp_path):
     path = tmp_path / "demo_a16.onnx"
     _, report = _export_and_verify(model, {"base": "onnxruntime", "activation": {"bits": 16}}, path, batches,
                                    method="mse")
-    assert set(_zero_point_types(path)) == {"uint16"}
+    assert set(zero_point_types(path)) == {"uint16"}
     assert report.within_one_step >= 0.999
 
 

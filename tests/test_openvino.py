@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_export_ort import batches, make_net
+from test_int16 import zero_point_types
 
 import qatkit
 from qatkit.errors import QatkitError
@@ -144,20 +145,8 @@ def test_unsigned_export_is_the_same_model(demo):
     feed = demo.data[0].numpy()
     signed, unsigned = (open_runtime(p, "onnxruntime").run({"images": feed}) for p in (demo.path, demo.unsigned_path))
     assert all(np.array_equal(a, b) for a, b in zip(signed, unsigned))
-    zero_points = _activation_zero_point_types(demo.unsigned_path)
-    assert zero_points == {"uint8"}, zero_points
-
-
-def _activation_zero_point_types(path: Path) -> set[str]:
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    consts |= {n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
-               for a in n.attribute}
-    return {consts[n.input[2]].dtype.name for n in model.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+    zero_points = zero_point_types(demo.unsigned_path)
+    assert set(zero_points) == {"uint8"}, zero_points
 
 
 @pytest.mark.parametrize("demo", sorted(OPENVINO_SIGNED_DIVERGES), indirect=True)
