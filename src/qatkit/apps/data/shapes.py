@@ -15,6 +15,7 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ _VISIBLE_FRACTION = 0.8  # at least this much of each side lies inside the image
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 _LABEL_NAME = re.compile(r"^\d{6}\.txt$")
 FORMATS: tuple[str, ...] = ("coco", "yolo")
+KINDS: tuple[str, ...] = ("shapes", "clutter")  # clutter: the hard set, qatkit.apps.data.clutter
 
 
 @dataclass
@@ -147,13 +149,24 @@ def render_sample(seed: int, split: str, index: int, img_size: int) -> Sample:
     return sample
 
 
-def _meta(n_train: int, n_val: int, img_size: int, seed: int, format: str = "coco") -> dict[str, Any]:
+def _kind(kind: str) -> tuple[tuple[str, ...], Callable[[int, str, int, int], Sample], int]:
+    """Class names, renderer and generator version of a dataset kind."""
+    if kind == "clutter":
+        from .clutter import CLUTTER_CLASSES, CLUTTER_VERSION, render_clutter
+        return CLUTTER_CLASSES, render_clutter, CLUTTER_VERSION
+    return CLASSES, render_sample, GENERATOR_VERSION
+
+
+def _meta(n_train: int, n_val: int, img_size: int, seed: int, format: str = "coco",
+          kind: str = "shapes") -> dict[str, Any]:
     extra = {} if format == "coco" else {"format": format}  # COCO metas keep the identity they always had
+    extra |= {} if kind == "shapes" else {"kind": kind}
+    classes, _, version = _kind(kind)
     return {
         **extra,
         "generator": "qatkit.data.shapes",  # a stored identity (meta.json), kept from before the move to apps/
-        "version": GENERATOR_VERSION,
-        "classes": list(CLASSES),
+        "version": version,
+        "classes": list(classes),
         "n_train": n_train,
         "n_val": n_val,
         "img_size": img_size,
@@ -201,7 +214,9 @@ def _yolo_line(label: int, box: list[float], img_size: int) -> str:
     return f"{label} {(x + w / 2) / img_size:.6f} {(y + h / 2) / img_size:.6f} {w / img_size:.6f} {h / img_size:.6f}"
 
 
-def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int, format: str = "coco") -> None:
+def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int, format: str = "coco",
+                    kind: str = "shapes") -> None:
+    classes, render, _ = _kind(kind)
     img_dir = root / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale(img_dir, _IMAGE_NAME, {f"{i:06d}.png" for i in range(n)})
@@ -213,7 +228,7 @@ def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int, fo
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for i in range(n):
-        s = render_sample(seed, split, i, img_size)
+        s = render(seed, split, i, img_size)
         name = f"{i:06d}.png"
         Image.fromarray(s.image).save(img_dir / name)
         if format == "yolo":
@@ -231,7 +246,7 @@ def _generate_split(root: Path, split: str, n: int, img_size: int, seed: int, fo
             })
     if format == "yolo":
         return
-    categories = [{"id": k + 1, "name": name} for k, name in enumerate(CLASSES)]
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
     _write_json(
         root / "annotations" / f"instances_{split}.json",
         {"images": images, "annotations": annotations, "categories": categories},
@@ -246,12 +261,15 @@ def generate_shapes(
     img_size: int = 160,
     seed: int = 0,
     format: str = "coco",
+    kind: str = "shapes",
 ) -> Path:
     """Write the shapes dataset under `root` and return `root`.
 
     ``format="coco"``: ``annotations/instances_{train,val}.json`` + ``images/{train,val}/``.
     ``format="yolo"``: ``images/{train,val}/*.png`` + ``labels/{train,val}/*.txt`` + ``data.yaml`` (load it with
     :class:`~qatkit.apps.data.yolo.YoloDetection` or ``--data root/data.yaml``). Same images and boxes in both.
+    ``kind="clutter"``: the hard set of :mod:`qatkit.apps.data.clutter` (8 classes, small low-contrast objects on
+    textured backgrounds) instead of the 3 large shapes.
 
     Returns immediately when `root/meta.json` matches the parameters and all
     files exist.  meta.json is removed first and written last, so an
@@ -264,8 +282,10 @@ def generate_shapes(
             raise ValueError(f"generate_shapes: {name} must be an int >= {minimum}, got {value!r}")
     if format not in FORMATS:
         raise ValueError(f"generate_shapes: format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if kind not in KINDS:
+        raise ValueError(f"generate_shapes: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     root = Path(root)
-    meta = _meta(n_train, n_val, img_size, seed, format)
+    meta = _meta(n_train, n_val, img_size, seed, format, kind)
     if _is_complete(root, meta):
         return root
 
@@ -274,10 +294,13 @@ def generate_shapes(
     root.mkdir(parents=True, exist_ok=True)
     (root / "meta.json").unlink(missing_ok=True)
     for split, n in (("train", n_train), ("val", n_val)):
-        _generate_split(root, split, n, img_size, seed, format)
+        _generate_split(root, split, n, img_size, seed, format, kind)
     if format == "yolo":
-        data_yaml = {"path": ".", "train": "images/train", "val": "images/val", "nc": len(CLASSES),
-                     "names": dict(enumerate(CLASSES))}
+        classes = _kind(kind)[0]
+        # no `path`: ultralytics and qatkit both take the yaml's folder then (a relative `path` ultralytics reads
+        # against the working directory), so the folder can move
+        data_yaml = {"train": "images/train", "val": "images/val", "nc": len(classes),
+                     "names": dict(enumerate(classes))}
         tmp = root / "data.yaml.tmp"
         tmp.write_text(yaml.safe_dump(data_yaml, sort_keys=False))
         os.replace(tmp, root / "data.yaml")
