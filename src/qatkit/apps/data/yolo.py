@@ -30,6 +30,7 @@ from qatkit.errors import DataError
 IMAGE_SUFFIXES = frozenset({".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm"})
 COORD_TOLERANCE = 1e-3  # normalised coordinates may exceed [0, 1] by this much (rounding when written); clipped
 REQUIRED_KEYS = ("train", "val", "names")
+SPLITS = ("train", "val", "test")  # test is optional, as in ultralytics
 
 _FORMAT_HELP = "see docs/data.md (ultralytics YOLO format: data.yaml with path, train, val, names)"
 
@@ -42,8 +43,8 @@ def label_path(image: Path) -> Path:
 
 
 def read_data_yaml(path: str | Path) -> dict[str, Any]:
-    """``data.yaml`` as a checked dict: ``root`` (resolved Path), ``train``/``val`` (as written) and ``names``
-    (a list, index = class id). Raises :class:`DataError` naming the file and the fix."""
+    """``data.yaml`` as a checked dict: ``root`` (resolved Path), ``train``/``val`` and ``test`` if given (as
+    written) and ``names`` (a list, index = class id). Raises :class:`DataError` naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"YOLO data.yaml not found: {path.resolve()}. Point --data at an existing data.yaml "
@@ -71,7 +72,8 @@ def read_data_yaml(path: str | Path) -> dict[str, Any]:
     if not root.is_dir():
         raise DataError(f"{path}: path {data.get('path')!r} resolves to {root}, which is not a folder. "
                         "Fix `path` (relative paths are relative to the data.yaml's folder).")
-    return {"root": root, "train": data["train"], "val": data["val"], "names": names}
+    splits = {s: data[s] for s in SPLITS if s in REQUIRED_KEYS or data.get(s) not in (None, "")}
+    return {"root": root, **splits, "names": names}
 
 
 def _names(names: Any, path: Path) -> list[str]:
@@ -150,8 +152,11 @@ def yolo_to_coco(yaml_path: str | Path, split: str) -> tuple[dict[str, Any], Pat
     dataset root its ``file_name`` entries are relative to (absolute when an image lies outside it)."""
     yaml_path = Path(yaml_path)
     cfg = read_data_yaml(yaml_path)
-    if split not in cfg:
-        raise DataError(f"{yaml_path}: no split {split!r}; YOLO datasets here have 'train' and 'val'.")
+    if split not in SPLITS or split not in cfg:
+        present = ", ".join(s for s in SPLITS if s in cfg)
+        fix = (f"add a `{split}:` entry (its images, as for val) or pick one of those" if split in SPLITS else
+               f"a data.yaml names only {', '.join(SPLITS)}")
+        raise DataError(f"{yaml_path}: no split {split!r}; this data.yaml has {present}: {fix}.")
     root, names = cfg["root"], cfg["names"]
     files = _split_images(cfg[split], root, split, yaml_path)
     if not files:

@@ -4,27 +4,15 @@ Both paths share the float decode/NMS of :mod:`qatkit.apps.models.postprocess`, 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..data.coco import CocoDetection, collate
 from ..models.postprocess import postprocess
 from ...progress import progress_bar
 from .coco_map import coco_map
+from .predictors import Predictor, torch_predictor
 
-Predictor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
-
-
-def torch_predictor(model: torch.nn.Module) -> Predictor:
-    model.eval()
-
-    @torch.no_grad()
-    def predict(images: torch.Tensor) -> Sequence[torch.Tensor]:
-        return model(images)
-
-    return predict
+__all__ = ["evaluate", "torch_predictor"]
 
 
 def evaluate(predict: Predictor, dataset: CocoDetection, *, batch_size: int = 32, quiet: bool = True,
