@@ -110,6 +110,8 @@ class CallTracker:
     """
 
     def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self._names_of = id(root)
         self.names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
         self.stack: list[Frame] = []
         self.calls: dict[str, int] = {}
@@ -142,6 +144,9 @@ class CallTracker:
                 key = parent.key
                 scope = parse_key(key).module if ("@" in key or "/" in key) else key
                 return f"{scope}.{name}".lstrip(".")
+        if self._names_of != id(self.root):  # a deep copy of the model (an EMA): its modules have other ids
+            self._names_of = id(self.root)
+            self.names = {id(m): n for n, m in self.root.named_modules(remove_duplicate=False)}
         return self.names.get(id(module), type(module).__name__)
 
     def push(self, module: nn.Module) -> Frame:
