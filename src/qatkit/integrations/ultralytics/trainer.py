@@ -91,8 +91,8 @@ class QatDetectionTrainer(DetectionTrainer):
                               "carry the QAT settings: launch one process per device with torchrun "
                               "--nproc_per_node N instead (qatkit's trainer then joins the group)")
         if self.args.compile:
-            raise QatkitError("compile=True is not supported: torch.compile does not run qatkit's hooks and "
-                              "torch-function mode; train with compile=False")
+            raise QatkitError("compile=True is not supported: qatkit's hooks and torch-function mode are untested "
+                              "under torch.compile; train with compile=False")
         if self.args.distill_model is not None:
             raise QatkitError("distill_model is not supported by the QAT trainer yet: train without it")
         world = cpu_ddp.torchrun_world()
