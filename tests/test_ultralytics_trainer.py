@@ -82,6 +82,15 @@ def qat_run(data, float_pt, runs):
                 seen["ema_eval_calls"] += 1
 
         first.register_forward_hook(count)
+        live_state = live._qatkit
+        live_first = live_state.q(live_state.sites[""].inputs[0])
+        seen["train_inputs"] = []
+
+        def shape(module, args) -> None:
+            if module.training:
+                seen["train_inputs"].append(tuple(args[0].shape))
+
+        live_first.register_forward_pre_hook(shape)
 
     def on_calibrated(trainer) -> None:
         seen["calibrations"] += 1
@@ -108,6 +117,8 @@ def test_the_run_trains_the_quantized_model_in_ultralytics_loop(qat_run):
     result, seen = qat_run
     assert seen["calibrations"] == 1
     assert seen["wrapper"] == "ImageThenLoss"  # the training forward takes the image tensor, not the batch dict
+    # so the model-input quantizer quantizes the images (on the dict it would take batch_idx, a 1-D tensor)
+    assert seen["train_inputs"] and all(len(s) == 4 and s[1:] == (3, SIZE, SIZE) for s in seen["train_inputs"])
     assert result.last is not None and result.best is not None and result.save_dir == result.last.parents[1]
     assert set(result.metrics) >= {"metrics/mAP50-95(B)", "val/box_loss"}
     assert qatkit.uncalibrated(result.model) == [] and not result.model.training
@@ -202,6 +213,16 @@ def test_resume_continues_from_the_saved_epoch_with_the_saved_quantizers(interru
 
 
 # ---------------------------------------------------------------------------------------------------- errors
+def test_a_nan_loss_after_the_first_epoch_says_to_resume(data, float_pt, runs):
+    def poison(trainer) -> None:  # what a diverging loss leaves for ultralytics' NaN check
+        if trainer.epoch == 1:
+            trainer.loss = torch.tensor(float("nan"))
+
+    with pytest.raises(QatkitError, match=r"NaN/Inf at epoch 2.*resume from it"):
+        train(YOLO(str(float_pt)), data=data, epochs=2, calib_batches=1, project=str(runs), name="nan",
+              callbacks={"on_train_epoch_end": poison}, **RUN)
+
+
 def test_resume_rejects_what_is_not_a_resumable_qat_checkpoint(qat_run, float_pt, tmp_path):
     result, _ = qat_run
     with pytest.raises(CheckpointError, match=r"train\(YOLO\(path\)"):
