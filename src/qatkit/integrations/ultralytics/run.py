@@ -62,8 +62,9 @@ class QatResult:
                    trainer.best if trainer.best.exists() else None, trainer.metrics, calib, list(trainer.epoch_seconds))
 
 
-def train(model=None, *, data: str | Path | None = None, recipe="onnxruntime", epochs: int | None = None,
-          calib_batches: int = 8, calib_method: str | None = None, resume: str | Path | None = None,
+def train(model: Model | nn.Module | str | Path | None = None, *, data: str | Path | None = None,
+          recipe: str | Path | dict = "onnxruntime", epochs: int | None = None, calib_batches: int = 8,
+          calib_method: str | None = None, resume: str | Path | None = None,
           callbacks: dict[str, Callable | list[Callable]] | None = None, **ultralytics_overrides) -> QatResult:
     """QAT-train an ultralytics detector with qatkit inside ultralytics' ``DetectionTrainer``.
 
@@ -125,7 +126,8 @@ def train(model=None, *, data: str | Path | None = None, recipe="onnxruntime", e
             dist.destroy_process_group()  # the group this call joined (CPU DDP under torchrun)
 
 
-def _trainer(model, data, settings: QatSettings, epochs: int | None, resume, overrides: dict) -> QatDetectionTrainer:
+def _trainer(model: object, data: str | Path | None, settings: QatSettings, epochs: int | None,
+             resume: str | Path | None, overrides: dict) -> QatDetectionTrainer:
     args = dict(overrides)
     if epochs is not None:
         args["epochs"] = epochs

@@ -37,7 +37,7 @@ from ...errors import CheckpointError, QatkitError
 from ...quantize import quantize
 from . import cpu_ddp
 from .calibration import CalibrationInfo, calibrate_on_training_data
-from .checkpoints import STATE_KEY, drop_optimizer, read_train_checkpoint, save_checkpoint, train_state
+from .checkpoints import STATE_KEY, drop_optimizer, load_model, read_train_checkpoint, save_checkpoint, train_state
 from .ema import QatModelEMA
 from .settings import QatSettings
 from .train_step import ImageThenLoss
@@ -151,9 +151,7 @@ class QatDetectionTrainer(DetectionTrainer):
         """A resumed run's model: rebuilt from the checkpoint's yaml, quantized and loaded (no calibration)."""
         if not self.resume:
             return super().setup_model()
-        from ...apps.stages import load_quantized
-
-        self.model = load_quantized(self.args.resume).train()
+        self.model = load_model(self.args.resume).train()
         return self._resume_ckpt
 
     def resume_training(self, ckpt) -> None:
