@@ -1,7 +1,9 @@
 """The core never imports an application (docs: /work/shared/DESIGN.md, "Layout: a core and its applications").
 
-The core is ``src/qatkit`` outside ``src/qatkit/apps``; the applications (demo detector, shapes/COCO data, mAP, the
-demo's training loop, run config, CLI stages, demo) live in ``qatkit.apps`` and import the core like user code.
+The core is ``src/qatkit`` outside ``src/qatkit/apps`` and ``src/qatkit/integrations``; the applications (demo
+detector, shapes/COCO data, mAP, the demo's training loop, run config, CLI stages, demo) live in ``qatkit.apps``, the
+integrations with other training frameworks (ultralytics' trainer) in ``qatkit.integrations``, and both import the
+core like user code.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "qatkit"
-APPS = "qatkit.apps"
+APP_DIRS = ("apps", "integrations")  # application-side packages under src/qatkit
+APPS = tuple(f"qatkit.{d}" for d in APP_DIRS)
 # where the applications lived before they moved to qatkit.apps: a core import of these names is an app import too
 MOVED = ("qatkit.demo", "qatkit.stages", "qatkit.runconfig", "qatkit.cli", "qatkit.data", "qatkit.eval",
          "qatkit.models", "qatkit.train.loop", "qatkit.assets")
@@ -26,11 +29,11 @@ def _module_name(path: Path) -> str:
 
 
 def core_modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if (PACKAGE / "apps") not in p.parents)
+    return sorted(p for p in PACKAGE.rglob("*.py") if not any(PACKAGE / d in p.parents for d in APP_DIRS))
 
 
 def _is_app(name: str) -> bool:
-    return any(name == m or name.startswith(m + ".") for m in (APPS, *MOVED))
+    return any(name == m or name.startswith(m + ".") for m in (*APPS, *MOVED))
 
 
 def imported_names(path: Path, module: str | None = None) -> list[tuple[int, str]]:
@@ -79,7 +82,8 @@ def test_importing_the_core_loads_no_application():
     code = ("import sys, importlib\n"
             f"for m in {modules!r}:\n"
             "    importlib.import_module(m)\n"
-            f"print('\\n'.join(sorted(m for m in sys.modules if m == {APPS!r} or m.startswith({APPS!r} + '.'))))\n")
+            f"print('\\n'.join(sorted(m for m in sys.modules if m in {APPS!r} "
+            f"or m.startswith({tuple(a + '.' for a in APPS)!r}))))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"importing the core loaded applications: {proc.stdout.split()}"

@@ -1,0 +1,82 @@
+"""ultralytics' ``ModelEMA`` on a qatkit-quantized model: hooks of its own, and consistent quantizer state.
+
+``ModelEMA`` deep-copies the model. A deep copy of a quantized model carries copies of qatkit's hooks, but their
+call tracker still names modules by the ``id`` of the *original* modules, so the copy's layers called from outside
+their parent (a ``DetectionModel`` runs ``self.model[i]`` from its own forward) get keys the plan does not know and
+run float. :func:`reattach` gives the copy fresh hooks on its own modules and quantizers.
+
+``ModelEMA.update`` averages every floating-point tensor of the state dict: weights, BN statistics and the
+quantizers' ``scale``, ``range_lo`` and ``range_hi``. It leaves the rest alone: ``zero_point`` (int32), and the
+flags ``calibrated``, ``fake_quant_enabled``, ``scale_frozen`` and ``bn_frozen``. :class:`QatModelEMA` therefore
+follows each update by :func:`sync_quantizers`: the flags are copied from the live model, and each static activation
+quantizer's scale and zero point are recomputed from its averaged range, so an asymmetric quantizer whose range
+moves during QAT (``scale_mode: ema``) never pairs an averaged scale with a stale zero point. Weight quantizers need
+nothing: they recompute their range from the (averaged) weights at every forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
+
+from ...quantize import quantization_state
+
+FLAGS = ("calibrated", "fake_quant_enabled", "scale_frozen")
+
+
+def reattach(model: nn.Module) -> nn.Module:
+    """Give a deep copy of a quantized model hooks on its own modules (removing the copied ones); returns it.
+
+    Args:
+        model: a quantized model, typically ``copy.deepcopy`` of another one.
+
+    Example:
+        >>> ema = reattach(copy.deepcopy(quantized_model))  # doctest: +SKIP
+    """
+    state = quantization_state(model)
+    state.detach()  # the copied handles point at the copy's own hook dicts: the original keeps its hooks
+    state.attach(model)
+    return model
+
+
+@torch.no_grad()
+def sync_quantizers(ema: nn.Module, model: nn.Module) -> None:
+    """Make ``ema``'s quantizer state consistent after its float tensors were averaged toward ``model``'s.
+
+    Args:
+        ema: the averaged quantized model.
+        model: the live quantized model (unwrapped from DDP).
+
+    Example:
+        >>> sync_quantizers(trainer.ema.ema, trainer.model)  # doctest: +SKIP
+    """
+    ema_state, live_state = quantization_state(ema), quantization_state(model)
+    ema_state.bn_frozen.copy_(live_state.bn_frozen)
+    for name, q in ema_state.quantizers.items():
+        live = live_state.quantizers[name]
+        for flag in FLAGS:
+            getattr(q, flag).copy_(getattr(live, flag))
+        if not q.dynamic and q.scheme.scale_mode == "ema" and q.is_calibrated:
+            q.set_range(q.range_lo.clone(), q.range_hi.clone())
+
+
+class QatModelEMA(ModelEMA):
+    """ultralytics' ``ModelEMA`` (same decay ramp, same averaging) for a qatkit-quantized model.
+
+    Args:
+        model: the live quantized model (DDP-wrapped or not).
+        **kwargs: ``ModelEMA``'s ``decay``, ``tau``, ``updates``.
+
+    Example:
+        >>> trainer.ema = QatModelEMA(trainer.model)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        reattach(self.ema)
+
+    def update(self, model: nn.Module) -> None:
+        """ultralytics' averaging, then :func:`sync_quantizers`."""
+        super().update(model)
+        if self.enabled:
+            sync_quantizers(self.ema, unwrap_model(model))
