@@ -28,7 +28,7 @@ from qatkit.apps.data import YoloDetection, generate_shapes  # noqa: E402
 from qatkit.apps.model_source import parse_model  # noqa: E402
 from qatkit.apps.stages import load_quantized  # noqa: E402
 from qatkit.errors import CheckpointError, QatkitError, RecipeError  # noqa: E402
-from qatkit.integrations.ultralytics import QatModelEMA, QatSettings, load_model, reattach, train  # noqa: E402
+from qatkit.integrations.ultralytics import QatModelEMA, QatSettings, load_model, train  # noqa: E402
 from qatkit.quant.qparams import range_to_qparams  # noqa: E402
 
 SIZE = 64
@@ -303,9 +303,7 @@ def test_ema_update_keeps_the_quantizer_state_consistent(asym_model):
     import copy
 
     live = copy.deepcopy(asym_model)
-    reattach(live)
     qat_ema, plain_ema = QatModelEMA(live), ModelEMA(live)
-    reattach(plain_ema.ema)
     zero_points = {n: q.zero_point.clone() for n, q in qat_ema.ema._qatkit.quantizers.items()}
     _move_ranges(live)
     qatkit.freeze(live, bn=True, scales=False)

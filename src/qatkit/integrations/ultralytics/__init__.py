@@ -22,10 +22,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .calibration import CalibrationInfo  # noqa: E402
 from .checkpoints import load_model, read_train_checkpoint  # noqa: E402
-from .ema import QatModelEMA, reattach  # noqa: E402
+from .ema import QatModelEMA  # noqa: E402
 from .run import QatResult, train  # noqa: E402
 from .settings import QatSettings  # noqa: E402
 from .trainer import QatDetectionTrainer  # noqa: E402
 
 __all__ = ["train", "QatResult", "QatDetectionTrainer", "QatSettings", "QatModelEMA", "CalibrationInfo",
-           "load_model", "read_train_checkpoint", "reattach"]
+           "load_model", "read_train_checkpoint"]

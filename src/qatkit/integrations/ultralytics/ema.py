@@ -1,9 +1,7 @@
-"""ultralytics' ``ModelEMA`` on a qatkit-quantized model: hooks of its own, and consistent quantizer state.
+"""ultralytics' ``ModelEMA`` on a qatkit-quantized model: consistent quantizer state.
 
-``ModelEMA`` deep-copies the model. A deep copy of a quantized model carries copies of qatkit's hooks, but their
-call tracker still names modules by the ``id`` of the *original* modules, so the copy's layers called from outside
-their parent (a ``DetectionModel`` runs ``self.model[i]`` from its own forward) get keys the plan does not know and
-run float. :func:`reattach` gives the copy fresh hooks on its own modules and quantizers.
+``ModelEMA`` deep-copies the model; a deep copy of a quantized model runs quantized on its own quantizers (the core
+handles copies: tests/test_deepcopy.py).
 
 ``ModelEMA.update`` averages every floating-point tensor of the state dict: weights, BN statistics and the
 quantizers' ``scale``, ``range_lo`` and ``range_hi``. It leaves the rest alone: ``zero_point`` (int32), and the
@@ -22,21 +20,6 @@ from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 from ...quantize import quantization_state
 
 FLAGS = ("calibrated", "fake_quant_enabled", "scale_frozen")
-
-
-def reattach(model: nn.Module) -> nn.Module:
-    """Give a deep copy of a quantized model hooks on its own modules (removing the copied ones); returns it.
-
-    Args:
-        model: a quantized model, typically ``copy.deepcopy`` of another one.
-
-    Example:
-        >>> ema = reattach(copy.deepcopy(quantized_model))  # doctest: +SKIP
-    """
-    state = quantization_state(model)
-    state.detach()  # the copied handles point at the copy's own hook dicts: the original keeps its hooks
-    state.attach(model)
-    return model
 
 
 @torch.no_grad()
@@ -70,10 +53,6 @@ class QatModelEMA(ModelEMA):
     Example:
         >>> trainer.ema = QatModelEMA(trainer.model)  # doctest: +SKIP
     """
-
-    def __init__(self, model: nn.Module, **kwargs) -> None:
-        super().__init__(model, **kwargs)
-        reattach(self.ema)
 
     def update(self, model: nn.Module) -> None:
         """ultralytics' averaging, then :func:`sync_quantizers`."""
