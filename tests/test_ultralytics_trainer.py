@@ -38,17 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """The shapes set in YOLO format (32 train, 16 val images) and a data yaml with an absolute path."""
-    root = generate_shapes(tmp_path_factory.mktemp("shapes"), n_train=32, n_val=16, img_size=SIZE, format="yolo")
-    spec = yaml.safe_load((root / "data.yaml").read_text())
-    (root / "abs.yaml").write_text(yaml.safe_dump({**spec, "path": str(root)}))
-    return root
+def shapes(tiny_yolo_data) -> Path:
+    """The shapes set in YOLO format (32 train, 16 val images), shared with the other ultralytics tests."""
+    return Path(tiny_yolo_data).parent
 
 
 @pytest.fixture(scope="module")
-def data(shapes) -> str:
-    return str(shapes / "abs.yaml")
+def data(tiny_yolo_data) -> str:
+    return tiny_yolo_data
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +54,9 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def float_pt(data, runs) -> Path:
-    """A user's ``best.pt``: one epoch of plain ultralytics training."""
-    YOLO("yolov8n.yaml").train(data=data, epochs=1, project=str(runs), name="float", **RUN)
-    return runs / "float" / "weights" / "best.pt"
+def float_pt(tiny_yolo_pt) -> Path:
+    """A user's ``best.pt``: one epoch of plain ultralytics training (tests/conftest.py)."""
+    return tiny_yolo_pt
 
 
 @pytest.fixture(scope="module")

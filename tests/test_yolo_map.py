@@ -19,28 +19,22 @@ from qatkit.apps.model_source import parse_model
 from qatkit.errors import DataError, QatkitError
 from test_model_sources import _extra
 
-IMGSZ, BATCH, N_TRAIN, N_VAL = 64, 8, 256, 24
+IMGSZ, BATCH, N_TRAIN, N_VAL = 64, 8, 32, 24
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(data.yaml, best.pt): yolov8n trained from scratch for 20 epochs on 256 64-px shapes images (mAP ~0.04: weak,
-    but with true and false positives at every IoU threshold, so the scores below can disagree)."""
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_yolo_pt: Path) -> tuple[Path, Path]:
+    """(data.yaml, best.pt): 24 val images of the shapes set and the session's weak yolov8n (tests/conftest.py: mAP
+    of a few hundredths, with true and false positives at every IoU threshold, so the scores below can disagree)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     _extra("ultralytics")
-    from ultralytics import YOLO
-
     tmp = tmp_path_factory.mktemp("yolo-map")
     root = generate_shapes(tmp / "shapes", n_train=N_TRAIN, n_val=N_VAL, img_size=IMGSZ, format="yolo")
-    # generate_shapes writes `path: .`; ultralytics resolves that against the working directory, qatkit against the
-    # yaml's folder (docs/yolo_map.md), so yolo train/val get the absolute root.
+    # yolo val gets the absolute root: qatkit and ultralytics read a relative `path` differently (docs/data.md)
     absolute = yaml.safe_load((root / "data.yaml").read_text()) | {"path": str(root.resolve())}
     data = tmp / "data_abs.yaml"
     data.write_text(yaml.safe_dump(absolute))
-    YOLO("yolov8n.yaml").train(data=str(data), epochs=20, imgsz=IMGSZ, batch=16, optimizer="SGD", lr0=0.02, seed=0,
-                               workers=0, plots=False, val=False, amp=False, device="cpu", verbose=False,
-                               project=str(tmp / "runs"), name="train", exist_ok=True)
-    return data, tmp / "runs" / "train" / "weights" / "best.pt"
+    return data, tiny_yolo_pt
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +75,14 @@ def test_torch_equals_yolo_val(trained: tuple[Path, Path], float_model: torch.nn
 
 def test_relative_path_and_test_split(trained: tuple[Path, Path], float_model: torch.nn.Module,
                                       float_map: float) -> None:
-    """`path: .` resolves against the yaml's folder whatever the working directory; split="test" scores `test:`."""
-    relative = trained[0].parent / "shapes" / "data.yaml"  # as generate_shapes wrote it
-    assert yaml.safe_load(relative.read_text())["path"] == "."
+    """No `path` and `path: .` both resolve to the yaml's folder whatever the working directory; split="test" scores
+    `test:`."""
+    written = trained[0].parent / "shapes" / "data.yaml"  # as generate_shapes wrote it: no `path` key
+    assert "path" not in yaml.safe_load(written.read_text())
+    score = yolo_map(torch_predictor(float_model), written, imgsz=IMGSZ, batch=BATCH, progress=False)
+    assert score["images"] == N_VAL and abs(score["map50_95"] - float_map) <= 1e-6
+    relative = written.with_name("relative.yaml")
+    relative.write_text("path: .\n" + written.read_text())
     score = yolo_map(torch_predictor(float_model), relative, imgsz=IMGSZ, batch=BATCH, progress=False)
     assert score["images"] == N_VAL and abs(score["map50_95"] - float_map) <= 1e-6
     with_test = relative.with_name("with_test.yaml")

@@ -1,4 +1,4 @@
-"""``qatkit`` command line: demo, train-float, calibrate, qat, export, verify, inspect.
+"""``qatkit`` command line: run, demo, train-float, calibrate, qat, export, verify, inspect, sensitivity.
 
 Every stage reads a run config (``--config run.yaml``, see :mod:`qatkit.apps.runconfig`) plus flags, and writes a file
 the next stage starts from: float checkpoint -> ptq.pt -> qat.pt -> model.qdq.onnx -> verify report.
@@ -27,6 +27,50 @@ def _model(p: argparse.ArgumentParser) -> None:
                                    "train` (best.pt: unpickled, trusted files only), or package.module:factory")
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="an ultralytics checkpoint (best.pt from `yolo train`) or model yaml, or demo; "
+                                   "default: the shipped YOLO11n trained on the generated clutter set (docs/run.md)")
+    p.add_argument("--data", help="an ultralytics data.yaml (for the demo detector: a COCO root); default: the "
+                                  "clutter set, generated at data/clutter when missing")
+    p.add_argument("--recipe", default="onnxruntime", help="built-in recipe name or recipe YAML path")
+    p.add_argument("--out", default="runs/run", help="output folder: summary.json, report.html, ONNX files, QAT run")
+    p.add_argument("--epochs", type=int, default=1, help="QAT epochs (ultralytics models)")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of the training set per QAT epoch")
+    p.add_argument("--steps", type=int, dest="qat_steps", help="QAT steps (the demo detector)")
+    p.add_argument("--img-size", type=int, help="input size (default: the size the checkpoint was trained at)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches of --batch training images")
+    p.add_argument("--lr", type=float, help="QAT learning rate (AdamW; default: ultralytics' choice)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted QAT run in --out")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+
+
+def _run_command(args: argparse.Namespace) -> None:
+    """``qatkit run``: ultralytics models through :mod:`qatkit.apps.run_yolo`, the demo detector through the demo."""
+    from .model_source import DEMO, parse_model
+    from .runconfig import default_yolo
+
+    model, data = (args.model, args.data) if args.model else default_yolo(args.data)
+    source = parse_model(model)
+    if source.kind == DEMO:
+        from .demo import run_demo
+        from .runconfig import load_run_config
+
+        cfg = load_run_config(None, model=model, data=data, recipe=args.recipe, out=args.out, quiet=args.quiet,
+                              qat_steps=args.qat_steps, calib_batches=args.calib_batches)
+        run_demo(_demo_only(cfg, "run"))
+        return
+    if data is None or Path(data).suffix.lower() not in (".yaml", ".yml"):
+        raise QatkitError(f"qatkit run --model {model} needs --data path/to/data.yaml (an ultralytics dataset), "
+                          f"got {data!r}")
+    from .run_yolo import YoloRunOptions, run_yolo
+
+    opts = YoloRunOptions(recipe=args.recipe, out=Path(args.out), epochs=args.epochs, fraction=args.fraction,
+                          imgsz=args.img_size, batch=args.batch, calib_batches=args.calib_batches, lr0=args.lr,
+                          resume=args.resume, quiet=bool(args.quiet))
+    run_yolo(source, data, opts)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qatkit", description="Quantization-aware training with verified INT8 ONNX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -36,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-steps", type=int)
     p.add_argument("--method", help="PTQ calibrator: max, ema, percentile, mse, entropy")
     _model(p)
+    p = sub.add_parser("run", help="float eval -> calibrate -> QAT -> export -> verify -> latency on your model and "
+                                   "data (ultralytics YOLO in ultralytics' trainer, or the demo detector)")
+    _run_flags(p)
     p = sub.add_parser("train-float", help="train the demo detector's float checkpoint")
     _common(p)
     p.add_argument("--out", default="runs/float/demo_float.pt")
@@ -214,6 +261,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from .eval.detect import evaluate, torch_predictor
 
     cmd = args.command
+    if cmd == "run":
+        _run_command(args)
+        return 0
     if cmd == "demo":
         from .demo import run_demo
 

@@ -13,6 +13,26 @@ from ..errors import QatkitError
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_FLOAT = ASSETS / "demo_float.pt"
+# `qatkit run`'s default: YOLO11n trained by `make default-yolo` on the clutter set below (docs/run.md)
+DEFAULT_YOLO = ASSETS / "yolo11n_clutter.pt"
+CLUTTER = {"root": Path("data/clutter"), "n_train": 2000, "n_val": 300, "img_size": 256, "seed": 0}
+
+
+def default_yolo(data: str | Path | None = None) -> tuple[str, str]:
+    """``qatkit run``'s defaults: the shipped YOLO and its data.yaml (the clutter set, generated when missing).
+
+    Args:
+        data: a data.yaml to use instead of the clutter set.
+
+    Example:
+        >>> model, data = default_yolo()   # ("<assets>/yolo11n_clutter.pt", "data/clutter/data.yaml")
+    """
+    if data is None:
+        from .data.shapes import generate_shapes
+
+        spec = dict(CLUTTER)
+        data = generate_shapes(spec.pop("root"), format="yolo", kind="clutter", **spec) / "data.yaml"
+    return str(DEFAULT_YOLO), str(data)
 
 
 class RunConfig(BaseModel):

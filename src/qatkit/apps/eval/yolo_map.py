@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -60,9 +60,7 @@ def yolo_map(predict: Predictor, data_yaml: str | Path, *, imgsz: int, batch: in
         >>> yolo_map(torch_predictor(YOLO("best.pt").model), "data.yaml", imgsz=640)["map50_95"]
         >>> yolo_map(onnx_predictor("model.qdq.onnx"), "data.yaml", imgsz=640)["map50_95"]
     """
-    if not isinstance(imgsz, int) or imgsz <= 0 or imgsz % STRIDE:
-        raise QatkitError(f"imgsz must be a positive multiple of {STRIDE}, got {imgsz!r}: yolo val rounds it up to "
-                          f"one, so pass imgsz={-(-int(imgsz) // STRIDE) * STRIDE} to score what yolo val scores")
+    _check_imgsz(imgsz)
     with tempfile.TemporaryDirectory(prefix="qatkit-yolo-map-") as tmp:
         data = _ultralytics_data(data_yaml, split, Path(tmp))
         class_names = _names(names) if names is not None else data["names"]
@@ -81,6 +79,36 @@ def yolo_map(predict: Predictor, data_yaml: str | Path, *, imgsz: int, batch: in
         "instances": int(validator.metrics.nt_per_class.sum()),
         "per_class_map50_95": {class_names[int(c)]: float(ap) for c, ap in zip(box.ap_class_index, box.ap)},
     }
+
+
+def yolo_images(data_yaml: str | Path, split: str, *, imgsz: int, batch: int = 16,
+                limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Image batches of a split as ``yolo val`` feeds them (letterboxed, float [0, 1]): calibration or verify input.
+
+    Args:
+        data_yaml: an ultralytics data.yaml (checked as :func:`yolo_map` checks it).
+        split: the data.yaml key (``train`` for calibration, ``val`` for verify).
+        imgsz: the square input size, a multiple of 32.
+        batch: images per batch.
+        limit: stop after this many batches (``None``: the whole split, in file order).
+
+    Example:
+        >>> qatkit.calibrate(qm, yolo_images("data.yaml", "train", imgsz=640, limit=16))
+    """
+    _check_imgsz(imgsz)
+    with tempfile.TemporaryDirectory(prefix="qatkit-yolo-images-") as tmp:
+        data = _ultralytics_data(data_yaml, split, Path(tmp))
+        validator = _validator(data, split, imgsz, batch, data["names"], Path(tmp))
+        for i, images in enumerate(validator.dataloader):
+            if limit is not None and i >= limit:
+                return
+            yield validator.preprocess(images)["img"]
+
+
+def _check_imgsz(imgsz: int) -> None:
+    if not isinstance(imgsz, int) or imgsz <= 0 or imgsz % STRIDE:
+        raise QatkitError(f"imgsz must be a positive multiple of {STRIDE}, got {imgsz!r}: yolo val rounds it up to "
+                          f"one, so pass imgsz={-(-int(imgsz) // STRIDE) * STRIDE} to score what yolo val scores")
 
 
 def _names(names: Sequence[str] | dict[int, str]) -> dict[int, str]:
