@@ -34,13 +34,16 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                                   "clutter set, generated at data/clutter when missing")
     p.add_argument("--recipe", default="onnxruntime", help="built-in recipe name or recipe YAML path")
     p.add_argument("--out", default="runs/run", help="output folder: summary.json, report.html, ONNX files, QAT run")
-    p.add_argument("--epochs", type=int, default=1, help="QAT epochs (ultralytics models)")
+    p.add_argument("--epochs", type=int, default=2, help="QAT epochs (ultralytics models)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of the training set per QAT epoch")
     p.add_argument("--steps", type=int, dest="qat_steps", help="QAT steps (the demo detector)")
     p.add_argument("--img-size", type=int, help="input size (default: the size the checkpoint was trained at)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches of --batch training images")
-    p.add_argument("--lr", type=float, help="QAT learning rate (AdamW; default: ultralytics' choice)")
+    p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate (AdamW, linear decay to 1%%); 0: "
+                   "ultralytics' automatic choice (for training from scratch)")
+    p.add_argument("--live-bn", action="store_true", help="BatchNorm uses batch statistics during QAT (default: "
+                   "running statistics, BN folded as deployed: right for fine-tuning a trained model)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted QAT run in --out")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
 
@@ -66,7 +69,8 @@ def _run_command(args: argparse.Namespace) -> None:
     from .run_yolo import YoloRunOptions, run_yolo
 
     opts = YoloRunOptions(recipe=args.recipe, out=Path(args.out), epochs=args.epochs, fraction=args.fraction,
-                          imgsz=args.img_size, batch=args.batch, calib_batches=args.calib_batches, lr0=args.lr,
+                          imgsz=args.img_size, batch=args.batch, calib_batches=args.calib_batches, lr0=args.lr or None,
+                          freeze_bn=not args.live_bn,
                           resume=args.resume, quiet=bool(args.quiet))
     run_yolo(source, data, opts)
 
