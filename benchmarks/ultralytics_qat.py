@@ -97,8 +97,9 @@ def run_rows(args, common: dict, score) -> list[dict]:
     for recipe in ("onnxruntime", "tensorrt"):
         clock, row = Clock(), {"name": f"qatkit `{recipe}`"}
         try:
+            callbacks = clock.callbacks() | {"on_qat_calibrate_end": lambda t: qatkit.freeze(t.model, bn=True)}
             result = qatkit_train(YOLO(args.model), recipe=recipe, calib_batches=args.calib_batches,
-                                  callbacks=clock.callbacks(), **common, name=f"qatkit-{recipe}")
+                                  callbacks=callbacks, **common, name=f"qatkit-{recipe}")
             row |= {"epoch_s": clock.epoch_s, "calib_s": clock.setup_s - float_setup,
                     "own_calib_s": result.calibration_seconds}
             row["torch_map"] = score(torch_predictor(result.model))
@@ -130,8 +131,9 @@ def write_doc(rows: list[dict], float_row: dict, args, seconds: float) -> str:
              f"{seconds / 60:.0f} min. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"CPU flags {cpu_flags()}; torch {torch.__version__}, ultralytics {ultralytics.__version__}, onnxruntime "
              f"{onnxruntime.__version__}. Model `{args.model}`, data `{args.data}`, imgsz {args.imgsz}, "
-             f"{args.epochs} epoch(s) at fraction {args.fraction}, batch {args.batch}, same seed and schedule in "
-             "every row.", "",
+             f"{args.epochs} epoch(s) at fraction {args.fraction}, batch {args.batch}, AdamW lr {args.lr0} decaying "
+             "linearly, no warm-up, no gradient accumulation (`qatkit run`'s schedule), same seed and schedule in "
+             "every row; qatkit's rows freeze BN as `qatkit run` does.", "",
              f"Float: {float_row['torch_map']:.4f} mAP@0.5:0.95 in PyTorch, {float_row['ort_map']:.4f} as fp32 ONNX "
              f"in ORT, {float_row['ms']:.2f} ms (batch 1).", "",
              "| QAT | mAP PyTorch | int8 ONNX mAP (ORT) | \\|ORT - PyTorch\\| | ORT ms | int8 speed vs fp32 | "
@@ -153,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=model)
     ap.add_argument("--data", default=data)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--imgsz", type=int, default=256)
     ap.add_argument("--calib-batches", type=int, default=16)
+    ap.add_argument("--lr0", type=float, default=1e-4, help="AdamW learning rate of every row (qatkit run's default)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--out", default="runs/bench_ultralytics")
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = {"data": args.data, "epochs": args.epochs, "fraction": args.fraction, "batch": args.batch,
               "imgsz": args.imgsz, "device": "cpu", "workers": 0, "plots": False, "seed": 0, "deterministic": True,
-              "project": str(out), "exist_ok": True}
+              "optimizer": "AdamW", "lr0": args.lr0, "warmup_epochs": 0, "nbs": args.batch, "project": str(out),
+              "exist_ok": True}
 
     def score(predict) -> float:
         return yolo_map(predict, args.data, imgsz=args.imgsz, batch=args.batch, progress=False)["map50_95"]
