@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/qat_overhead.py
 	$(VENV)/bin/python benchmarks/ultralytics_qat.py
 
-# re-trains `qatkit run`'s default YOLO11n on the generated clutter set (CPU, about 75 min on 2 cores)
+# re-trains `qatkit run`'s default YOLO11n on the generated clutter set (CPU: about 65 min on 2 cores)
 default-yolo: $(STAMP)
 	$(VENV)/bin/python scripts/train_default_yolo.py
 

@@ -1,6 +1,6 @@
 """Train `qatkit run`'s default model: YOLO11n from scratch on the generated clutter set, by plain ultralytics.
 
-Usage: python scripts/train_default_yolo.py   (`make default-yolo`; CPU, about 75 min on 2 cores)
+Usage: python scripts/train_default_yolo.py   (`make default-yolo`; CPU: 36 + 29 min on the shared 2-core development machine)
 
 Stage 1: `yolo train model=yolo11n.yaml` for 25 epochs. Stage 2: 20 more epochs from stage 1's last weights (a
 fresh schedule: warm-up, then mosaic off for the last 10), because 25 epochs from scratch on 2 cores stop well short
