@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import Sample, _iou, _mask_box, _rng
+from .shapes import Sample, _rng, place_objects
 
 CLUTTER_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "star", "hexagon", "diamond")
 CLUTTER_VERSION = 1  # bump when the rendering changes so cached datasets regenerate
@@ -151,20 +151,8 @@ def render_clutter(seed: int, split: str, index: int, img_size: int) -> Sample:
     _distractors(rng, bg)
     img = bg.copy()
     sample = Sample(image=img, background=np.clip(np.rint(bg), 0, 255).astype(np.uint8))
-    for _ in range(int(rng.integers(3, _MAX_OBJECTS + 1))):
-        label = int(rng.integers(0, len(CLUTTER_CLASSES)))
-        for _try in range(_TRIES):
-            mask = _object_mask(rng, CLUTTER_CLASSES[label], img_size)
-            box = _mask_box(mask)
-            if box is None or min(box[2], box[3]) < 3:
-                continue
-            if any(_iou(box, other) > _MAX_IOU for other in sample.boxes):
-                continue
-            x, y, w, h = (int(v) for v in box)
-            local = bg[y:y + h, x:x + w].reshape(-1, 3).mean(axis=0)
-            img[mask] = _fill(rng, local, mask)
-            sample.boxes.append(box)
-            sample.labels.append(label)
-            break
+    place_objects(rng, sample, img, bg, int(rng.integers(3, _MAX_OBJECTS + 1)), len(CLUTTER_CLASSES),
+                  lambda label: _object_mask(rng, CLUTTER_CLASSES[label], img_size),
+                  lambda local, mask: _fill(rng, local, mask), min_side=3, max_iou=_MAX_IOU, tries=_TRIES)
     sample.image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return sample

@@ -129,24 +129,34 @@ def render_sample(seed: int, split: str, index: int, img_size: int) -> Sample:
     """Render image `index` of `split` exactly as :func:`generate_shapes` writes it."""
     rng = _rng(seed, split, index)
     bg = _background(rng, img_size)
-    img = bg.copy()
-    sample = Sample(image=img, background=bg)
-    for _ in range(int(rng.integers(1, 6))):
-        label = int(rng.integers(0, len(CLASSES)))
-        for _try in range(_PLACEMENT_TRIES):
-            mask = _shape_mask(rng, label, img_size)
+    sample = Sample(image=bg.copy(), background=bg)
+    place_objects(rng, sample, sample.image, bg, int(rng.integers(1, 6)), len(CLASSES),
+                  lambda label: _shape_mask(rng, label, img_size),
+                  lambda local, mask: _contrasting_colour(rng, local), min_side=2, max_iou=_MAX_IOU)
+    return sample
+
+
+def place_objects(rng: np.random.Generator, sample: Sample, img: np.ndarray, bg: np.ndarray, count: int,
+                  n_classes: int, mask_of: Callable[[int], np.ndarray],
+                  colour_of: Callable[[np.ndarray, np.ndarray], np.ndarray], *, min_side: float, max_iou: float,
+                  tries: int = _PLACEMENT_TRIES) -> None:
+    """Draw up to ``count`` objects into ``img`` and record their boxes in ``sample``: each gets a random class,
+    then up to ``tries`` random shapes (``mask_of(label)``) until one is at least ``min_side`` px and overlaps no
+    earlier box by more than ``max_iou``; its pixels get ``colour_of(local background mean, mask)``."""
+    for _ in range(count):
+        label = int(rng.integers(0, n_classes))
+        for _try in range(tries):
+            mask = mask_of(label)
             box = _mask_box(mask)
-            if box is None or min(box[2], box[3]) < 2:
+            if box is None or min(box[2], box[3]) < min_side:
                 continue
-            if any(_iou(box, other) > _MAX_IOU for other in sample.boxes):
+            if any(_iou(box, other) > max_iou for other in sample.boxes):
                 continue
             x, y, w, h = (int(v) for v in box)
-            local = bg[y : y + h, x : x + w].reshape(-1, 3).mean(axis=0)
-            img[mask] = _contrasting_colour(rng, local)
+            img[mask] = colour_of(bg[y : y + h, x : x + w].reshape(-1, 3).mean(axis=0), mask)
             sample.boxes.append(box)
             sample.labels.append(label)
             break
-    return sample
 
 
 def _kind(kind: str) -> tuple[tuple[str, ...], Callable[[int, str, int, int], Sample], int]:
