@@ -97,9 +97,10 @@ def run_rows(args, common: dict, score) -> list[dict]:
     for recipe in ("onnxruntime", "tensorrt"):
         clock, row = Clock(), {"name": f"qatkit `{recipe}`"}
         try:
-            callbacks = clock.callbacks() | {"on_qat_calibrate_end": lambda t: qatkit.freeze(t.model, bn=True)}
-            result = qatkit_train(YOLO(args.model), recipe=recipe, calib_batches=args.calib_batches,
-                                  callbacks=callbacks, **common, name=f"qatkit-{recipe}")
+            # the clock rides on the YOLO object (its callbacks reach the trainer before __init__ runs them)
+            result = qatkit_train(_yolo_with(clock, args.model), recipe=recipe, calib_batches=args.calib_batches,
+                                  callbacks={"on_qat_calibrate_end": lambda t: qatkit.freeze(t.model, bn=True)},
+                                  **common, name=f"qatkit-{recipe}")
             row |= {"epoch_s": clock.epoch_s, "calib_s": clock.setup_s - float_setup,
                     "own_calib_s": result.calibration_seconds}
             row["torch_map"] = score(torch_predictor(result.model))
