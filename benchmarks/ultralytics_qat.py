@@ -33,6 +33,7 @@ from onnx_latency import cpu_flags  # noqa: E402
 import qatkit  # noqa: E402
 from qatkit.apps.eval.predictors import onnx_predictor, torch_predictor  # noqa: E402
 from qatkit.apps.eval.yolo_map import yolo_map  # noqa: E402
+from qatkit.apps.run_yolo import finetune_overrides  # noqa: E402
 from qatkit.apps.runconfig import default_yolo  # noqa: E402
 from qatkit.integrations.ultralytics import train as qatkit_train  # noqa: E402
 from qatkit.onnx_runtime import latency_ms  # noqa: E402
@@ -152,10 +153,9 @@ def write_doc(rows: list[dict], float_row: dict, args, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model, data = default_yolo()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=model)
-    ap.add_argument("--data", default=data)
+    ap.add_argument("--model", help="default: qatkit run's shipped YOLO11n")
+    ap.add_argument("--data", help="default: the clutter set (generated at data/clutter when missing)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=16)
@@ -166,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--out", default="runs/bench_ultralytics")
     args = ap.parse_args(argv)
+    if args.model is None or args.data is None:
+        model, data = default_yolo(args.data)
+        args.model, args.data = args.model or model, data
     start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = {"data": args.data, "epochs": args.epochs, "fraction": args.fraction, "batch": args.batch,
               "imgsz": args.imgsz, "device": "cpu", "workers": 0, "plots": False, "seed": 0, "deterministic": True,
-              "optimizer": "AdamW", "lr0": args.lr0, "warmup_epochs": 0, "nbs": args.batch, "project": str(out),
-              "exist_ok": True}
+              "project": str(out), "exist_ok": True, **finetune_overrides(args.lr0, args.batch)}
 
     def score(predict) -> float:
         return yolo_map(predict, args.data, imgsz=args.imgsz, batch=args.batch, progress=False)["map50_95"]

@@ -29,7 +29,7 @@ def _model(p: argparse.ArgumentParser) -> None:
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="an ultralytics checkpoint (best.pt from `yolo train`) or model yaml, or demo; "
-                                   "default: the shipped YOLO11n trained on the generated clutter set (docs/run.md)")
+                                   "default: the shipped YOLO11n trained on the generated clutter set (docs/ultralytics.md)")
     p.add_argument("--data", help="an ultralytics data.yaml (for the demo detector: a COCO root); default: the "
                                   "clutter set, generated at data/clutter when missing")
     p.add_argument("--recipe", default="onnxruntime", help="built-in recipe name or recipe YAML path")
@@ -70,8 +70,7 @@ def _run_command(args: argparse.Namespace) -> None:
 
     opts = YoloRunOptions(recipe=args.recipe, out=Path(args.out), epochs=args.epochs, fraction=args.fraction,
                           imgsz=args.img_size, batch=args.batch, calib_batches=args.calib_batches, lr0=args.lr or None,
-                          freeze_bn=not args.live_bn,
-                          resume=args.resume, quiet=bool(args.quiet))
+                          freeze_bn=not args.live_bn, resume=args.resume, quiet=bool(args.quiet))
     run_yolo(source, data, opts)
 
 

@@ -45,9 +45,8 @@ class YoloRunOptions:
         imgsz: square input size (None: the size the checkpoint was trained at, else 640).
         batch: training and evaluation batch size.
         calib_batches: calibration batches of ``batch`` training images (validation transforms).
-        lr0: QAT learning rate, AdamW, decaying linearly to 1 % over the epochs (None: ultralytics' automatic
-            choice, meant for training from scratch: on the 1-2 epochs of a QAT fine-tune, without warm-up, it
-            cost a float-trained yolov5nu a third of its mAP).
+        lr0: QAT learning rate of :func:`finetune_overrides` (None: ultralytics' own schedule, meant for training
+            from scratch; docs/ultralytics.md measures both on the shipped model).
         freeze_bn: BatchNorm uses its running statistics during QAT (:func:`qatkit.freeze`): each conv trains as it
             will be deployed, BN folded; right for fine-tuning a trained model (docs/ultralytics.md).
         resume: continue an interrupted QAT run in ``out/qat`` from its ``weights/last.pt``.
@@ -76,6 +75,23 @@ def trained_imgsz(model: nn.Module) -> int | None:
     return int(imgsz) if isinstance(imgsz, int) else None
 
 
+def finetune_overrides(lr0: float, batch: int) -> dict:
+    """ultralytics train arguments that make QAT a fine-tune of a trained model (docs/ultralytics.md has the ablation).
+
+    AdamW at ``lr0`` decaying linearly to 1 %; no warm-up (ultralytics' starts biases at lr 0.1); one optimizer step
+    per batch (``nbs`` = batch; ultralytics' default nbs=64 accumulates 4 batches of 16, leaving a short fine-tune a
+    quarter of the steps).
+
+    Args:
+        lr0: the learning rate.
+        batch: the batch size.
+
+    Example:
+        >>> train(YOLO("best.pt"), data="data.yaml", epochs=2, batch=16, **finetune_overrides(1e-4, 16))
+    """
+    return {"optimizer": "AdamW", "lr0": lr0, "warmup_epochs": 0, "nbs": batch}
+
+
 def _qat(float_model: nn.Module, data: Path, opts: YoloRunOptions, imgsz: int, ptq_holder: list):
     """QAT in ultralytics' trainer; ``ptq_holder`` receives a copy of the calibrated model before training."""
     from ..integrations.ultralytics import train
@@ -89,13 +105,11 @@ def _qat(float_model: nn.Module, data: Path, opts: YoloRunOptions, imgsz: int, p
     if opts.resume and not last.is_file():
         raise QatkitError(f"--resume: {last} does not exist (no interrupted QAT run in --out {opts.out}); run without "
                           "--resume to start one")
-    # nbs = batch: one optimizer step per batch (ultralytics' default nbs=64 accumulates 4 batches of 16, leaving a
-    # short fine-tune a quarter of the steps)
     overrides = {"imgsz": imgsz, "batch": opts.batch, "nbs": opts.batch, "fraction": opts.fraction,
-                 "project": str(opts.out.resolve()),
-                 "name": "qat", "exist_ok": True, "device": "cpu", "workers": 0, "plots": False}
-    if opts.lr0 is not None:  # a fine-tune: no warm-up (ultralytics' starts biases at lr 0.1), no accumulation
-        overrides |= {"lr0": opts.lr0, "optimizer": "AdamW", "warmup_epochs": 0}
+                 "project": str(opts.out.resolve()), "name": "qat", "exist_ok": True, "device": "cpu", "workers": 0,
+                 "plots": False}
+    if opts.lr0 is not None:
+        overrides |= finetune_overrides(opts.lr0, opts.batch)
     if opts.resume:
         return train(data=data, resume=last, epochs=opts.epochs, **overrides)
     return train(float_model, data=data, recipe=opts.recipe, epochs=opts.epochs, calib_batches=opts.calib_batches,
@@ -125,8 +139,11 @@ def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=pr
     example = (torch.zeros(shape),)
     quiet = opts.quiet
 
+    def map_of(predict) -> float:
+        return yolo_map(predict, data, imgsz=imgsz, batch=opts.batch, progress=not quiet)["map50_95"]
+
     def score(predict, what: str) -> float:
-        value = yolo_map(predict, data, imgsz=imgsz, batch=opts.batch, progress=not quiet)["map50_95"]
+        value = map_of(predict)
         log(f"{what} mAP@0.5:0.95 {value:.4f}")
         return value
 
@@ -146,7 +163,8 @@ def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=pr
     save_quantized(qm, out / "qat.pt", "qat", source)
     qdq_path = export_onnx(qm, example, out / "model.qdq.onnx")
     report = verify(qm, qdq_path, yolo_images(data, "val", imgsz=imgsz, batch=opts.batch),
-                    metric=lambda predict: score(predict, "int8 (ORT vs PyTorch)"))
+                    metric=map_of)
+    log(f"QAT (PyTorch) mAP@0.5:0.95 {report.torch_map:.4f}, int8 ONNX (ORT) {report.onnx_map:.4f}")
     fp32_ms = onnx_runtime.latency_ms(fp32_path, shape, runs=opts.latency_runs)
     int8_ms = onnx_runtime.latency_ms(qdq_path, shape, runs=opts.latency_runs)
     summary = {

@@ -13,7 +13,7 @@ from ..errors import QatkitError
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_FLOAT = ASSETS / "demo_float.pt"
-# `qatkit run`'s default: YOLO11n trained by `make default-yolo` on the clutter set below (docs/run.md)
+# `qatkit run`'s default: YOLO11n trained by `make default-yolo` on the clutter set below (docs/ultralytics.md)
 DEFAULT_YOLO = ASSETS / "yolo11n_clutter.pt"
 CLUTTER = {"root": Path("data/clutter"), "n_train": 2000, "n_val": 300, "img_size": 256, "seed": 0}
 
