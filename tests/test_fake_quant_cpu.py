@@ -3,7 +3,8 @@ per channel, on 8- and 16-bit, signed and unsigned grids, with exact ties."""
 import pytest
 import torch
 
-from qatkit.quant.quantizer import FakeQuantizer, _fake_quantize_cpu, _vectorizable
+from qatkit.quant.kernels import _fake_quantize_cpu, _vectorizable
+from qatkit.quant.quantizer import FakeQuantizer
 from qatkit.quant.scheme import QuantScheme
 
 GRIDS = [(-128, 127), (0, 255), (-127, 127), (-32768, 32767), (0, 65535), (-8, 7), (0, 15)]
