@@ -1,9 +1,14 @@
-"""The vectorized fake-quant (float32 CPU) equals PyTorch's kernels bit for bit: output and gradient, per tensor and
-per channel, on 8- and 16-bit, signed and unsigned grids, with exact ties."""
+"""The fused fake-quant (float32 CPU; compiled by inductor, or its uncompiled fallback) equals PyTorch's kernels bit
+for bit: output and gradient, per tensor and per channel, on 8- and 16-bit, signed and unsigned grids, with exact
+ties; and the compiled kernels do not recompile for new shapes, ranks or grids."""
+import warnings
+
 import pytest
 import torch
 
-from qatkit.quant.kernels import _fake_quantize_cpu, _vectorizable
+from qatkit.errors import QatkitWarning
+from qatkit.quant import kernels
+from qatkit.quant.kernels import KERNELS, _fake_quantize_cpu, _Kernels, _vectorizable
 from qatkit.quant.quantizer import FakeQuantizer
 from qatkit.quant.scheme import QuantScheme
 
@@ -14,10 +19,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().view(torch.int32)
 
 
+@pytest.fixture(params=["compiled", "fallback"])
+def path(request, monkeypatch):
+    """Run a test with the compiled kernels, then with the uncompiled arithmetic they fall back to."""
+    KERNELS.ensure()
+    if request.param == "fallback":
+        monkeypatch.setattr(kernels, "KERNELS", _Kernels.uncompiled())
+    elif not KERNELS.compiled:
+        pytest.fail("the fused fake-quant kernels did not compile on this machine (is g++ installed?)")
+    return request.param
+
+
 @pytest.mark.parametrize("qmin,qmax", GRIDS)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_matches_torch_kernels_bitwise(qmin, qmax, ties, per_channel):
+def test_matches_torch_kernels_bitwise(qmin, qmax, ties, per_channel, path):
     g = torch.Generator().manual_seed(qmax + 2 * ties + per_channel)
     for trial in range(12):
         shape = [int(v) for v in torch.randint(1, 24, (1 + trial % 4,), generator=g)]
@@ -53,17 +69,12 @@ def test_quantizer_takes_vectorized_path_on_large_tensors():
     q.set_range(torch.tensor(-1.0), torch.tensor(2.0))
     x = torch.randn(4, 16, 32, 32, generator=torch.Generator().manual_seed(0)) * 1.5
     ref = torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert _vectorizable(x, q.scale)
-        assert torch.equal(_bits(q(x)), _bits(ref))
-    finally:
-        torch.set_num_threads(threads)
+    assert _vectorizable(x, q.scale)
+    assert torch.equal(_bits(q(x)), _bits(ref))
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_non_finite_inputs_as_the_kernels(per_channel):
+def test_non_finite_inputs_as_the_kernels(per_channel, path):
     """NaN and -inf map to qmin (the kernels' fmax ignores NaN), huge values as the kernels do, masks false."""
     x = torch.randn(4, 8, 16, 16)
     x[0, 0, 0, :5] = torch.tensor([float("nan"), float("-inf"), 1e30, -1e30, float("inf")])
@@ -80,3 +91,68 @@ def test_non_finite_inputs_as_the_kernels(per_channel):
     ya.backward(grad)
     yb.backward(grad)
     assert torch.equal(_bits(xa.grad), _bits(xb.grad))
+
+
+def test_compiled_kernels_do_not_recompile():
+    """Per tensor and per channel each compile once: later shapes, ranks, channel axes, grids, batch 1 and
+    non-contiguous inputs reuse those kernels (a recompile here would raise)."""
+    KERNELS.ensure()
+    if not KERNELS.compiled:
+        pytest.fail("the fused fake-quant kernels did not compile on this machine (is g++ installed?)")
+    g = torch.Generator().manual_seed(0)
+
+    def call(shape, axis, qmin, qmax, transpose=False):
+        x = torch.randn(shape, generator=g)
+        x = (x.transpose(0, -1) if transpose else x).requires_grad_()
+        n = 1 if axis is None else x.shape[axis]
+        scale = torch.rand(n, generator=g) * 0.1 + 1e-3
+        zp = torch.zeros(n, dtype=torch.int32)
+        if axis is None:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        _fake_quantize_cpu(x, scale, zp, axis, qmin, qmax).sum().backward()
+
+    call((2, 8, 32, 32), None, 0, 255)
+    call((16, 8, 3, 3, 3), 0, -128, 127)
+    call((4, 5, 30, 20), 1, -64, 63)  # the per-channel kernel for an inner dimension as well
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for shape, axis, qmin, qmax in [((1, 16, 40, 40), None, -128, 127), ((9000,), None, 0, 15),
+                                        ((4, 50, 60), None, -32768, 32767), ((128, 64), 0, -64, 63),
+                                        ((64, 32, 3, 3), 0, -127, 127), ((2, 3, 40, 50, 2), 2, 0, 255),
+                                        ((1, 8192), 1, -8, 7)]:
+            call(shape, axis, qmin, qmax)
+        call((4, 16, 32, 32), None, 0, 255, transpose=True)
+
+
+def test_compile_failure_warns_and_stays_exact():
+    """A kernel that cannot compile says so once, names the fix, and the arithmetic stays PyTorch's."""
+    k = _Kernels()
+    with pytest.warns(QatkitWarning, match="could not be compiled.*C\\+\\+ compiler"):
+        k.fail(RuntimeError("no compiler"))
+    assert not k.compiled
+    x = torch.randn(3, 9000)
+    scale, zp = torch.tensor(0.02), torch.tensor(0.0)
+    ref = torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
+    assert torch.equal(k.forward(x, torch.reciprocal(scale), scale, zp, -128, 127, False), ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k.fail(RuntimeError("again"))  # said once only
+
+
+def test_traces_whole_under_torch_compile():
+    """Inside torch.compile the fake-quant is plain ops: no graph break, eager's output, close gradients."""
+    from qatkit.quant.kernels import fake_quantize
+
+    def f(x, w, sw, zw):
+        y = fake_quantize(torch.relu(x), torch.tensor(0.02), torch.tensor(3, dtype=torch.int32), 0, 255, None)
+        return torch.nn.functional.conv2d(y, fake_quantize(w, sw, zw, -64, 63, 0))
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8, 16, 16, generator=g), torch.randn(4, 8, 3, 3, generator=g)
+    sw, zw = torch.rand(4, generator=g) * 0.01 + 1e-3, torch.zeros(4, dtype=torch.int32)
+    assert torch._dynamo.explain(f)(x, w, sw, zw).graph_break_count == 0
+    xa, wa, xb, wb = (t.clone().requires_grad_() for t in (x, w, x, w))
+    ya, yb = f(xa, wa, sw, zw), torch.compile(f)(xb, wb, sw, zw)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-4) and torch.allclose(wa.grad, wb.grad, rtol=1e-5)

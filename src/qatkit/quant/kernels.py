@@ -5,71 +5,201 @@
 """
 from __future__ import annotations
 
+import math
+import os
 import platform
+import warnings
 
 import torch
 
+from ..errors import QatkitWarning
+
 _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
-VECTORIZED_MIN_NUMEL = 8192  # below this, PyTorch's kernel is as fast and is one op (one dispatch) instead of eight
+VECTORIZED_MIN_NUMEL = 8192  # below this, PyTorch's kernel is as fast and the call costs less
+
+
+def _codes(x: torch.Tensor, inv_scale: torch.Tensor, zp: torch.Tensor, overflow_to_min: bool) -> torch.Tensor:
+    """``nearbyint(x * (1/s)) + zp`` as float32, as PyTorch's kernels compute it (``overflow_to_min``: the
+    per-channel kernel's int64 cast on x86, which turns 2**63 and more, +inf included, into qmin)."""
+    q = torch.round(x * inv_scale) + zp
+    return torch.where(q >= 2.0**63, float("-inf"), q) if overflow_to_min else q
+
+
+def fake_quantize_math(x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int,
+                       qmax: int, overflow_to_min: bool) -> torch.Tensor:
+    """PyTorch's fake-quant forward in whole-tensor ops, bit for bit.
+
+    The kernels' arithmetic: ``q = nearbyint(x * (1/s)) + zp`` (float32 product, round half to even), output
+    ``(fmin(fmax(q, qmin), qmax) - zp) * s`` (so a NaN becomes qmin); ``q - zp`` is an integer below 2**17, so the
+    product rounds once to the same float32 as the kernels' products. ``scale``/``zp`` (float32) and ``inv_scale``
+    come shaped to broadcast against ``x`` (0-d per tensor, ``[1, C, 1]`` per channel).
+    """
+    q = _codes(x, inv_scale, zp, overflow_to_min)
+    c = torch.where(q >= qmin, q, qmin)  # fmax: NaN -> qmin
+    c = torch.where(c <= qmax, c, qmax)
+    return (c - zp) * scale
+
+
+def fake_quantize_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Tensor, zp: torch.Tensor, qmin: int,
+                       qmax: int, overflow_to_min: bool) -> torch.Tensor:
+    """The kernels' backward, ``grad * mask`` with mask ``qmin <= q <= qmax`` (false for NaN and +-inf), the codes
+    recomputed from ``x`` (one pass reading ``grad`` and ``x``; no mask tensor kept between forward and backward)."""
+    q = _codes(x, inv_scale, zp, overflow_to_min)
+    return grad * ((q >= qmin) & (q <= qmax))
+
+
+class _Kernels:
+    """The fused CPU kernels: :func:`fake_quantize_math` and its backward compiled once by inductor (one pass over
+    the tensor each, vectorized and multi-threaded, where PyTorch's CPU fake-quant kernels are scalar loops).
+
+    If compiling fails (no C++ compiler, an inductor error), it says so once and the same arithmetic runs as
+    separate whole-tensor ops. ``QATKIT_FUSED_FAKE_QUANT=0`` turns the compiled kernels off.
+    """
+
+    def __init__(self) -> None:
+        self.forward, self.backward = fake_quantize_math, fake_quantize_grad
+        self.compiled = False
+        self._warned = False
+        self._tried = os.environ.get("QATKIT_FUSED_FAKE_QUANT", "1") == "0"
+
+    @classmethod
+    def uncompiled(cls) -> "_Kernels":
+        """The arithmetic as separate whole-tensor ops (what runs when compiling fails)."""
+        k = cls()
+        k._tried = True
+        return k
+
+    def ensure(self) -> None:
+        if self._tried:
+            return
+        self._tried = True
+        try:
+            self.forward = torch.compile(fake_quantize_math, dynamic=True, fullgraph=True)
+            self.backward = torch.compile(fake_quantize_grad, dynamic=True, fullgraph=True)
+            self.compiled = True
+        except Exception as e:  # noqa: BLE001 - any compile failure: the uncompiled arithmetic is exact too
+            self.fail(e)
+
+    def run(self, which: str, *args) -> torch.Tensor:
+        """The ``forward`` or ``backward`` kernel on ``args``; a compiled kernel that fails (at its first call,
+        when inductor compiles it) falls back to the uncompiled arithmetic."""
+        try:
+            return getattr(self, which)(*args)
+        except Exception as e:  # noqa: BLE001 - any compile failure: the uncompiled arithmetic is exact too
+            if not self.compiled:
+                raise
+            self.fail(e)
+            return getattr(self, which)(*args)
+
+    def fail(self, error: Exception) -> None:
+        """Use the uncompiled arithmetic from now on, and say so (once)."""
+        self.forward, self.backward = fake_quantize_math, fake_quantize_grad
+        self.compiled = False
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(f"qatkit: the fused CPU fake-quant kernel could not be compiled ({type(error).__name__}: "
+                      f"{error}); QAT runs with the slower unfused kernels. Install a C++ compiler (g++) for "
+                      "torch.compile, or set QATKIT_FUSED_FAKE_QUANT=0 to silence this", QatkitWarning, stacklevel=4)
+
+
+KERNELS = _Kernels()
 
 
 class _FakeQuantizeCPU(torch.autograd.Function):
-    """PyTorch's fake-quant (per tensor or per channel) in vectorized ops, bit for bit, for float32 CPU tensors.
+    """PyTorch's fake-quant (per tensor or per channel) on float32 CPU tensors, bit for bit, output and gradient.
 
     PyTorch's CPU kernels for ``fake_quantize_per_{tensor,channel}_affine`` are scalar loops (a ``nearbyint`` per
-    element; per channel also a division per element, and a second pass for the mask): 29 ms for one
-    16x32x80x80 activation, where the same arithmetic in whole-tensor ops takes about 10 ms, forward and backward
-    (docs/qat_overhead.md). The arithmetic, as the kernels do it: ``q = nearbyint(x * (1/s)) + zp`` (float32
-    product, round half to even), mask ``qmin <= q <= qmax``, output ``(fmin(fmax(q, qmin), qmax) - zp) * s`` (a NaN
-    becomes qmin); ``q - zp`` is an integer below 2**17, so the product rounds once to the same float32 as the
-    kernels' products. Backward is the kernels': ``grad * mask``.
-    The per-channel kernel casts ``q`` to int64 before clamping: on x86 a ``q`` of 2**63 or more (+inf included)
-    becomes int64's minimum, hence qmin (ARM saturates to qmax, as fmin does); that is reproduced too.
-    ``scale``/``zero_point`` come shaped to broadcast against ``x`` (0-d per tensor, ``[1, C, 1, ...]`` per channel).
+    element; per channel also a division per element, and a second pass for the mask): 14 ms forward and backward
+    for one 16x32x80x80 activation on one thread, where the compiled :func:`fake_quantize_math` takes 2.7 ms
+    (docs/qat_overhead.md). Backward is the kernels': ``grad * mask``.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax):  # noqa: D401 - torch API
-        zp = zero_point.to(torch.float32)
-        q = (x * torch.reciprocal(scale)).round_().add_(zp)
-        if scale.ndim and _CAST_OVERFLOW_TO_MIN:  # the per-channel kernel casts q to int64 before clamping
-            q.masked_fill_(q >= 2.0**63, float("-inf"))
-        c = q.clamp(qmin, qmax)
-        mask = c == q  # false for NaN and +-inf, as the kernels' qmin <= q <= qmax
-        # the kernels clamp with std::fmax/fmin, which map a NaN to qmin (torch.fmax/fmin would too, but they are
-        # scalar loops, ten times slower than clamp + nan_to_num)
-        c.nan_to_num_(nan=float(qmin), posinf=float("inf"), neginf=float("-inf"))
-        ctx.save_for_backward(mask)
-        return c.sub_(zp).mul_(scale)
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # noqa: D401 - torch API
+        # one rank per kind, so that the compiled kernels never recompile: per tensor 1-d, per channel
+        # (outer, C, inner); reshape copies only a non-contiguous x
+        # (detached: not a view, so no guards on x's base; per channel no 0/1 specialization of outer/inner sizes)
+        if axis is None:
+            flat, shape = x.detach().reshape(-1).detach(), ()
+        else:
+            flat, shape = x.detach().reshape(math.prod(x.shape[:axis]), x.shape[axis], -1).detach(), (1, -1, 1)
+            if KERNELS.compiled:
+                for dim in range(3):
+                    torch._dynamo.decorators.mark_unbacked(flat, dim)
+        scale, zp = scale.reshape(shape), zero_point.reshape(shape).to(torch.float32)
+        inv = torch.reciprocal(scale)
+        overflow = axis is not None and _CAST_OVERFLOW_TO_MIN
+        y = KERNELS.run("forward", flat, inv, scale, zp, qmin, qmax, overflow)
+        ctx.save_for_backward(flat, inv, zp)
+        ctx.grid = (qmin, qmax, overflow)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        flat, inv, zp = ctx.saved_tensors
+        g = grad.reshape(flat.shape).detach()
+        if KERNELS.compiled and flat.ndim == 3:
+            for dim in range(3):
+                torch._dynamo.decorators.mark_unbacked(g, dim)
+                torch._dynamo.decorators.mark_unbacked(flat, dim)
+        return KERNELS.run("backward", g, flat, inv, zp, *ctx.grid).view(grad.shape), None, None, None, None, None
+
+
+class _FakeQuantizeTraced(torch.autograd.Function):
+    """The same arithmetic for ``torch.compile`` of a quantized model: plain ops that dynamo traces and inductor
+    fuses with the neighbouring ops (no nested compiled kernel, no reshape). ``scale``/``zero_point`` come shaped
+    to broadcast against ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, overflow):  # noqa: D401 - torch API
+        inv, zp = torch.reciprocal(scale), zero_point.to(torch.float32)
+        ctx.save_for_backward(x, inv, zp)
+        ctx.grid = (qmin, qmax, overflow)
+        return fake_quantize_math(x, inv, scale, zp, qmin, qmax, overflow)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, inv, zp = ctx.saved_tensors
+        return fake_quantize_grad(grad, x, inv, zp, *ctx.grid), None, None, None, None, None
+
+
+def _traced(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None, qmin: int,
+            qmax: int) -> torch.Tensor:
+    if axis is None:
+        return _FakeQuantizeTraced.apply(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax, False)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return _FakeQuantizeTraced.apply(x, scale.reshape(shape), zero_point.reshape(shape), qmin, qmax,
+                                     _CAST_OVERFLOW_TO_MIN)
 
 
 def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """One torch thread only: with two, on a machine shared with another job, its eight parallel regions lost to
-    the kernel's one (82 vs 58 ms forward and backward on a 16x32x80x80 activation, docs/qat_overhead.md)."""
+    """A float32 CPU tensor large enough that one fused pass beats PyTorch's kernel (below 8192 elements the
+    kernel is as fast and the call costs less)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32
-            and x.numel() >= VECTORIZED_MIN_NUMEL and torch.get_num_threads() == 1)
+            and x.numel() >= VECTORIZED_MIN_NUMEL)
 
 
 def _fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None,
                        qmin: int, qmax: int) -> torch.Tensor:
-    """:class:`_FakeQuantizeCPU` with ``scale``/``zero_point`` shaped for ``axis`` (None: per tensor)."""
-    if axis is None:
-        return _FakeQuantizeCPU.apply(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return _FakeQuantizeCPU.apply(x, scale.reshape(shape), zero_point.reshape(shape), qmin, qmax)
+    """:class:`_FakeQuantizeCPU`; ``scale``/``zero_point`` hold one value (``axis`` None) or one per channel."""
+    KERNELS.ensure()
+    return _FakeQuantizeCPU.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None) -> torch.Tensor:
-    """Round-and-clip onto the grid with a straight-through gradient (PyTorch's fused kernels; on a float32 CPU
-    tensor of 8192 elements or more, with one torch thread, the same arithmetic in vectorized ops,
-    :class:`_FakeQuantizeCPU`)."""
+    """Round-and-clip onto the grid with a straight-through gradient, bit for bit PyTorch's fused ops (which run
+    on other devices and small tensors); on a float32 CPU tensor of 8192 elements or more, the compiled kernel of
+    :class:`_FakeQuantizeCPU`; inside ``torch.compile``, on float32 CPU tensors, plain ops that inductor fuses
+    (:class:`_FakeQuantizeTraced`).
+
+    Example:
+        >>> y = fake_quantize(torch.randn(4, 8), torch.tensor(0.1), torch.tensor(0), -128, 127, None)
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.compiler.is_compiling():
+        return _traced(x, scale, zero_point, None if axis is None else axis % x.ndim, qmin, qmax)
     if _vectorizable(x, scale):
         return _fake_quantize_cpu(x, scale, zero_point, None if axis is None else axis % x.ndim, qmin, qmax)
     if axis is None:
