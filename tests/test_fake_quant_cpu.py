@@ -156,3 +156,15 @@ def test_traces_whole_under_torch_compile():
     ya.square().sum().backward()
     yb.square().sum().backward()
     assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-4) and torch.allclose(wa.grad, wb.grad, rtol=1e-5)
+
+
+def test_output_can_be_modified_in_place():
+    """The model may add into a quantized tensor in place (torchvision's ``out += identity``); gradients stay exact."""
+    x = torch.randn(2, 8, 40, 40, requires_grad=True)
+    ref = x.detach().clone().requires_grad_()
+    scale, zp = torch.tensor(0.05), torch.tensor(0, dtype=torch.int32)
+    y = _fake_quantize_cpu(x, scale, zp, None, -128, 127)
+    y += 1.0
+    y.square().sum().backward()
+    (torch.fake_quantize_per_tensor_affine(ref, scale, zp, -128, 127) + 1.0).square().sum().backward()
+    assert torch.equal(x.grad, ref.grad)

@@ -133,7 +133,7 @@ class _FakeQuantizeCPU(torch.autograd.Function):
         y = KERNELS.run("forward", flat, inv, scale, zp, qmin, qmax, overflow)
         ctx.save_for_backward(flat, inv, zp)
         ctx.grid = (qmin, qmax, overflow)
-        return y.view(x.shape)
+        return y.view(x.shape).detach()  # not a view: the model may modify it in place (resnet: out += identity)
 
     @staticmethod
     def backward(ctx, grad):
