@@ -186,11 +186,10 @@ class FakeQuantizer(nn.Module):
     def _update_dynamic(self, x: torch.Tensor) -> None:
         s = self.scheme
         with torch.no_grad():
-            if s.per_channel:
-                dims = [d for d in range(x.ndim) if d != s.axis % x.ndim]
-                lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+            if s.per_channel:  # one pass for both (amin + amax read the weight twice)
+                lo, hi = torch.aminmax(x.movedim(s.axis % x.ndim, 0).reshape(x.shape[s.axis], -1), dim=1)
             else:
-                lo, hi = x.min(), x.max()
+                lo, hi = torch.aminmax(x)
             self.set_range(lo, hi)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
