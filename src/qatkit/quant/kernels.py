@@ -51,6 +51,22 @@ def fake_quantize_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Ten
     return grad * ((q >= qmin) & (q <= qmax))
 
 
+def quantized_silu_math(x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int,
+                        qmax: int) -> torch.Tensor:
+    """SiLU as the exported graph computes it, ``x * fake_quant(sigmoid(x))`` (per-tensor grid)."""
+    return x * fake_quantize_math(torch.sigmoid(x), inv_scale, scale, zp, qmin, qmax, False)
+
+
+def quantized_silu_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Tensor,
+                        zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Gradient of :func:`quantized_silu_math`: the product rule with the straight-through fake-quant, as autograd
+    computes it for the three separate ops (``sigmoid_backward`` is ``g * (1 - s) * s``)."""
+    s = torch.sigmoid(x)
+    q = _codes(s, inv_scale, zp, False)
+    through = (grad * x) * ((q >= qmin) & (q <= qmax))
+    return grad * fake_quantize_math(s, inv_scale, scale, zp, qmin, qmax, False) + through * (1 - s) * s
+
+
 class _Kernels:
     """The fused CPU kernels: :func:`fake_quantize_math` and its backward compiled once by inductor (one pass over
     the tensor each, vectorized and multi-threaded, where PyTorch's CPU fake-quant kernels are scalar loops).
@@ -61,6 +77,7 @@ class _Kernels:
 
     def __init__(self) -> None:
         self.forward, self.backward = fake_quantize_math, fake_quantize_grad
+        self.silu_forward, self.silu_backward = quantized_silu_math, quantized_silu_grad
         self.compiled = False
         self._warned = False
         self._tried = os.environ.get("QATKIT_FUSED_FAKE_QUANT", "1") == "0"
@@ -79,6 +96,8 @@ class _Kernels:
         try:
             self.forward = torch.compile(fake_quantize_math, dynamic=True, fullgraph=True)
             self.backward = torch.compile(fake_quantize_grad, dynamic=True, fullgraph=True)
+            self.silu_forward = torch.compile(quantized_silu_math, dynamic=True, fullgraph=True)
+            self.silu_backward = torch.compile(quantized_silu_grad, dynamic=True, fullgraph=True)
             self.compiled = True
         except Exception as e:  # noqa: BLE001 - any compile failure: the uncompiled arithmetic is exact too
             self.fail(e)
@@ -97,6 +116,7 @@ class _Kernels:
     def fail(self, error: Exception) -> None:
         """Use the uncompiled arithmetic from now on, and say so (once)."""
         self.forward, self.backward = fake_quantize_math, fake_quantize_grad
+        self.silu_forward, self.silu_backward = quantized_silu_math, quantized_silu_grad
         self.compiled = False
         if self._warned:
             return
@@ -175,6 +195,41 @@ def _traced(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis
     shape[axis] = -1
     return _FakeQuantizeTraced.apply(x, scale.reshape(shape), zero_point.reshape(shape), qmin, qmax,
                                      _CAST_OVERFLOW_TO_MIN)
+
+
+class _QuantizedSiLU(torch.autograd.Function):
+    """``x * fake_quant(sigmoid(x))`` in one pass forward and one backward (the separate ops make four tensors
+    and read them back in backward); per-tensor grid, float32 CPU."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):  # noqa: D401 - torch API
+        flat, scale = x.detach().reshape(-1).detach(), scale.reshape(())
+        inv, zp = torch.reciprocal(scale), zero_point.reshape(()).to(torch.float32)
+        y = KERNELS.run("silu_forward", flat, inv, scale, zp, qmin, qmax)
+        ctx.save_for_backward(flat, inv, scale, zp)
+        ctx.grid = (qmin, qmax)
+        return y.view(x.shape).detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, inv, scale, zp = ctx.saved_tensors
+        g = grad.reshape(-1).detach()
+        return KERNELS.run("silu_backward", g, flat, inv, scale, zp, *ctx.grid).view(grad.shape), None, None, None, None
+
+
+def quantized_silu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                   qmax: int) -> torch.Tensor | None:
+    """``x * fake_quantize(sigmoid(x))`` fused, for training on float32 CPU tensors of 8192 elements or more; None
+    elsewhere (the caller then runs the separate ops). Forward and gradient equal the separate ops' up to float32
+    rounding (the compiled sigmoid may differ from PyTorch's by an ulp).
+
+    Example:
+        >>> y = quantized_silu(torch.randn(2, 8, 32, 32), torch.tensor(1 / 255), torch.tensor(0), 0, 255)
+    """
+    if not _vectorizable(x, scale) or scale.numel() != 1 or torch.compiler.is_compiling():
+        return None
+    KERNELS.ensure()
+    return _QuantizedSiLU.apply(x, scale, zero_point, qmin, qmax)
 
 
 def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:

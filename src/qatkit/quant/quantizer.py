@@ -178,6 +178,15 @@ class FakeQuantizer(nn.Module):
         lo, hi = reduce_minmax(*torch.aminmax(x.detach().float()))  # DDP: every rank moves its range alike
         self.set_range(self.range_lo + c * (lo - self.range_lo), self.range_hi + c * (hi - self.range_hi))
 
+    def plain(self) -> bool:
+        """Whether :meth:`forward` is only the fake-quant with the stored scale: nothing observed or updated, not
+        exporting, not learned (so a fused kernel may apply it instead)."""
+        s = self.scheme
+        if (self.observer_enabled or self.dynamic or s.scale_mode == "learned" or torch.onnx.is_in_onnx_export()
+                or (self.training and s.scale_mode == "ema" and not bool(self.scale_frozen))):
+            return False
+        return bool(self.fake_quant_enabled) and self.is_calibrated
+
     @property
     def is_calibrated(self) -> bool:
         return bool(self.calibrated)

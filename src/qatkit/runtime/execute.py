@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..bn_fold import bn_scale, fold, scale_weight, unscale_output
 from ..plan import Site
+from ..quant.kernels import quantized_silu
 from ..quant.quantizer import FakeQuantizer, quantize_bias
 from ..tracing import func_name
 
@@ -130,7 +131,12 @@ class SiteExecutor:
                         else t, out)
 
     def silu(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        """SiLU as ``x * q(sigmoid(x))``, as the exported graph computes it."""
+        """SiLU as ``x * q(sigmoid(x))``, as the exported graph computes it (fused when training on CPU)."""
+        q = self.state.q(site.sigmoid)
+        if self.state.tap is None and torch.is_grad_enabled() and x.requires_grad and q.plain():
+            y = quantized_silu(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
+            if y is not None:
+                return y
         return x * self.act(site.sigmoid, torch.sigmoid(x))
 
     def compute(self, site: Site, func: Callable, args, kwargs):
