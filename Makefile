@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run.py
 	$(VENV)/bin/python benchmarks/speed.py
 	$(VENV)/bin/python benchmarks/qat_overhead.py
+	$(VENV)/bin/python benchmarks/step_time.py
 	$(VENV)/bin/python benchmarks/ultralytics_qat.py
 
 # re-trains `qatkit run`'s default YOLO11n on the generated clutter set (CPU: about 65 min on 2 cores)

@@ -1,0 +1,197 @@
+"""QAT step time vs float step time, eager and under torch.compile, qatkit beside ModelOpt and torchao (a benchmark).
+
+`make bench` runs it and writes the step-time table of docs/performance.md, with this command and the machine. One
+step = forward, a loss (mean square of every float output, the same for every tool), backward, AdamW step, on fixed
+random batches. Models: the demo detector (shipped float checkpoint, batch 16, 160 px), torchvision resnet18
+(batch 8, 160 px; and batch 2, 32 px, where per-op cost dominates as on a GPU), ultralytics YOLOv8n from its yaml
+(batch 8, 320 px). Every quantized model is calibrated (max) on 2 batches first. Rounds alternate all variants of a
+model in one process, so machine noise hits them alike; a figure is the median step over all rounds, its ratio is
+to the float step of the same run (compiled rows: to the compiled float step).
+
+Variants: qatkit ``onnxruntime`` recipe with BatchNorm frozen (qatkit's QAT default, `qatkit.freeze`) and live
+(train-mode BN, folding simulated); qatkit ``tensorrt`` recipe (conv/linear inputs and weights, ModelOpt's default
+placement), BN live; ModelOpt ``INT8_DEFAULT_CFG``; torchao PT2E QAT (``prepare_qat_pt2e``, X86InductorQuantizer);
+and ``torch.compile`` of the float model and of qatkit's ``onnxruntime`` model (BN frozen).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qatkit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peers import ModelOpt, TorchaoPT2E  # noqa: E402 - the peer adapters live beside this script
+
+BEGIN, END = "<!-- step_time:begin -->", "<!-- step_time:end -->"
+
+
+def demo() -> nn.Module:
+    from qatkit.apps.runconfig import RunConfig
+    from qatkit.apps.stages import load_float
+
+    return load_float(RunConfig(quiet=True).float_checkpoint)
+
+
+def resnet18() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def yolov8n() -> nn.Module:
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    return DetectionModel("yolov8n.yaml", verbose=False)
+
+
+CASES = {"demo b16 160px": (demo, 16, 160), "resnet18 b8 160px": (resnet18, 8, 160),
+         "yolov8n b8 320px": (yolov8n, 8, 320), "resnet18 b2 32px": (resnet18, 2, 32)}
+
+
+def loss_of(out) -> torch.Tensor:
+    """Mean square of every floating tensor in a (nested) output: one loss for every tool and model."""
+    if isinstance(out, torch.Tensor):
+        return out.float().square().mean() if out.is_floating_point() else out.new_zeros((), dtype=torch.float32)
+    items = out.values() if isinstance(out, dict) else out
+    return sum((loss_of(o) for o in items if isinstance(o, (torch.Tensor, list, tuple, dict))), torch.zeros(()))
+
+
+def qatkit_model(recipe: str, frozen: bool) -> Callable:
+    def build(model: nn.Module, batches: list) -> nn.Module:
+        qm = qatkit.quantize(copy.deepcopy(model), recipe, (batches[0][:1],))
+        qatkit.calibrate(qm, batches, method="max")
+        return qatkit.freeze(qm, bn=True) if frozen else qm
+    return build
+
+
+def peer_model(tool) -> Callable:
+    def build(model: nn.Module, batches: list) -> nn.Module:
+        return tool.qat(tool.ptq(model, batches))
+    return build
+
+
+def compiled(build: Callable | None) -> Callable:
+    def make(model: nn.Module, batches: list) -> nn.Module:
+        return torch.compile(build(model, batches) if build else copy.deepcopy(model))
+    return make
+
+
+VARIANTS: dict[str, tuple[Callable | None, bool]] = {  # name -> (builder, compiled)
+    "float": (None, False),
+    "qatkit onnxruntime, BN frozen": (qatkit_model("onnxruntime", True), False),
+    "qatkit onnxruntime, BN live": (qatkit_model("onnxruntime", False), False),
+    "qatkit tensorrt, BN live": (qatkit_model("tensorrt", False), False),
+    "ModelOpt INT8_DEFAULT_CFG": (peer_model(ModelOpt()), False),
+    "torchao PT2E QAT": (peer_model(TorchaoPT2E()), False),
+    "compiled float": (compiled(None), True),
+    "compiled qatkit onnxruntime, BN frozen": (compiled(qatkit_model("onnxruntime", True)), True),
+}
+
+
+def step_time(model: nn.Module, x: torch.Tensor, steps: int) -> list[float]:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = loss_of(model(x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(case: str, rounds: int, steps: int, variants: list[str]) -> dict[str, float | str]:
+    build_float, batch, size = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=g)
+    calib = [torch.rand(batch, 3, size, size, generator=g) for _ in range(2)]
+    float_model = build_float()
+    models, out = {}, {}
+    for name in variants:
+        build, _ = VARIANTS[name]
+        try:
+            models[name] = build(float_model, calib) if build else copy.deepcopy(float_model)
+            step_time(models[name], x, 2)  # warm-up: allocators, compiled kernels, torch.compile
+        except Exception as e:  # noqa: BLE001 - a tool that cannot handle the model gets a cell saying why
+            out[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            models.pop(name, None)
+        print(f"{case}: {name} ready", file=sys.stderr, flush=True)
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name] += step_time(model, x, steps)[1:]
+    out.update({n: statistics.median(t) for n, t in times.items()})
+    return out
+
+
+def _cell(value, base) -> str:
+    if isinstance(value, str):
+        return value
+    ratio = f" ({value / base:.2f}x)" if isinstance(base, float) else ""
+    return f"{value * 1000:.0f} ms{ratio}"
+
+
+def table(results: dict[str, dict], variants: list[str]) -> list[str]:
+    lines = ["| variant | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for name in variants:
+        base_name = "compiled float" if VARIANTS[name][1] else "float"
+        cells = [_cell(r.get(name, "not run"), r.get(base_name)) for r in results.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_doc(doc: Path, lines: list[str], command: str, seconds: float, threads: int) -> None:
+    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")
+                     if f in Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else "?"
+    block = "\n".join([BEGIN, f"Command: `{command}` ({seconds / 60:.0f} min). Machine: {platform.machine()} "
+                       f"{platform.processor() or ''}, {torch.get_num_threads()} torch thread(s) of "
+                       f"{torch.get_num_threads() if threads else 'all'}, CPU flags: {flags}; torch {torch.__version__}. "
+                       "Median step; in brackets the ratio to the float step of the same run (compiled rows: "
+                       "to the compiled float step).", "", *lines, END])
+    text = doc.read_text() if doc.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## QAT step time (`benchmarks/step_time.py`)\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="steps per round (the first of each is dropped)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    results = {case: measure(case, args.rounds, args.steps, args.variants) for case in args.cases}
+    lines = table(results, args.variants)
+    print("\n".join(lines))
+    command = "python " + " ".join(["benchmarks/step_time.py", *sys.argv[1:]])
+    write_doc(Path(args.doc), lines, command, time.perf_counter() - start, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
