@@ -186,3 +186,27 @@ def test_fused_silu_matches_separate_ops(path):
     y_ref.backward(grad)
     assert torch.allclose(x.grad, ref.grad, rtol=1e-5, atol=1e-6)
     assert quantized_silu(torch.randn(2, 8), scale, zp, 0, 255) is None  # small: the caller runs separate ops
+
+
+@pytest.mark.parametrize("bits,symmetric", [(7, True), (8, False)])
+def test_fused_weight_path_matches_separate_ops(bits, symmetric):
+    """A conv weight (BatchNorm factor folded in) through the one-kernel weight path: output, gradients of weight
+    and factor, and the quantizer's scale/zero point/range buffers equal the separate ops' bit for bit."""
+    from qatkit.quant.quantizer import FakeQuantizer
+    from qatkit.quant.scheme import QuantScheme
+
+    scheme = QuantScheme(bits=bits, signed=True, symmetric=symmetric, per_channel=True, axis=0)
+    g = torch.Generator().manual_seed(bits)
+    w, f = torch.randn(64, 32, 3, 3, generator=g), torch.rand(64, generator=g) + 0.5
+    w[3] = 0.0  # a dead channel: scale 1.0
+    fused_q, plain_q = (FakeQuantizer(scheme, "w", 64, dynamic=True) for _ in range(2))
+    wa, fa, wb, fb = (t.clone().requires_grad_() for t in (w, f, w, f))
+    ya = fused_q.quantize_weight(wa, fa)
+    yb = plain_q(wb * fb.reshape(-1, 1, 1, 1))
+    grad = torch.randn(ya.shape, generator=g)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert torch.equal(_bits(ya), _bits(yb))
+    assert torch.equal(wa.grad, wb.grad) and torch.equal(fa.grad, fb.grad)
+    for name in ("scale", "zero_point", "range_lo", "range_hi"):
+        assert torch.equal(getattr(fused_q, name), getattr(plain_q, name)), name

@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from ..errors import QatkitWarning
+from .qparams import qparams_of
 
 _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
 # Below these sizes PyTorch's kernel is as fast: the compiled kernel's call costs about 25 us forward (one thread;
@@ -40,7 +41,9 @@ def fake_quantize_math(x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Te
     q = _codes(x, inv_scale, zp, overflow_to_min)
     c = torch.where(q >= qmin, q, qmin)  # fmax: NaN -> qmin
     c = torch.where(c <= qmax, c, qmax)
-    return (c - zp) * scale
+    # the kernels subtract in integers, so a code at the zero point is +0.0; a compiled graph that knows zp is 0
+    # (symmetric weights) drops the subtraction and would keep round()'s -0.0
+    return torch.where(c == zp, 0.0, (c - zp) * scale)
 
 
 def fake_quantize_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Tensor, zp: torch.Tensor, qmin: int,
@@ -67,6 +70,20 @@ def quantized_silu_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Te
     return grad * fake_quantize_math(s, inv_scale, scale, zp, qmin, qmax, False) + through * (1 - s) * s
 
 
+def _without_modes(fn, args: tuple):
+    """``fn(*args)`` with no torch-function mode active: qatkit's run time calls quantizers inside its own mode,
+    which a compiled kernel would otherwise trace into (and guard on, compiling twice)."""
+    n = torch._C._len_torch_function_stack()
+    if not n:
+        return fn(*args)
+    modes = [torch._C._pop_torch_function_stack() for _ in range(n)]
+    try:
+        return fn(*args)
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
+
+
 class _Kernels:
     """The fused CPU kernels: :func:`fake_quantize_math` and its backward compiled once by inductor (one pass over
     the tensor each, vectorized and multi-threaded, where PyTorch's CPU fake-quant kernels are scalar loops).
@@ -78,6 +95,7 @@ class _Kernels:
     def __init__(self) -> None:
         self.forward, self.backward = fake_quantize_math, fake_quantize_grad
         self.silu_forward, self.silu_backward = quantized_silu_math, quantized_silu_grad
+        self.weight = _weight_math
         self.compiled = False
         self._warned = False
         self._tried = os.environ.get("QATKIT_FUSED_FAKE_QUANT", "1") == "0"
@@ -98,6 +116,7 @@ class _Kernels:
             self.backward = torch.compile(fake_quantize_grad, dynamic=True, fullgraph=True)
             self.silu_forward = torch.compile(quantized_silu_math, dynamic=True, fullgraph=True)
             self.silu_backward = torch.compile(quantized_silu_grad, dynamic=True, fullgraph=True)
+            self.weight = torch.compile(_weight_math, dynamic=True, fullgraph=True)
             self.compiled = True
         except Exception as e:  # noqa: BLE001 - any compile failure: the uncompiled arithmetic is exact too
             self.fail(e)
@@ -106,7 +125,7 @@ class _Kernels:
         """The ``forward`` or ``backward`` kernel on ``args``; a compiled kernel that fails (at its first call,
         when inductor compiles it) falls back to the uncompiled arithmetic."""
         try:
-            return getattr(self, which)(*args)
+            return _without_modes(getattr(self, which), args)
         except Exception as e:  # noqa: BLE001 - any compile failure: the uncompiled arithmetic is exact too
             if not self.compiled:
                 raise
@@ -125,8 +144,6 @@ class _Kernels:
                       f"{error}); QAT runs with the slower unfused kernels. Install a C++ compiler (g++) for "
                       "torch.compile, or set QATKIT_FUSED_FAKE_QUANT=0 to silence this", QatkitWarning, stacklevel=4)
 
-
-KERNELS = _Kernels()
 
 
 class _FakeQuantizeCPU(torch.autograd.Function):
@@ -232,6 +249,56 @@ def quantized_silu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return _QuantizedSiLU.apply(x, scale, zero_point, qmin, qmax)
 
 
+def _weight_math(w: torch.Tensor, qmin: int, qmax: int, symmetric: bool, overflow_to_min: bool):
+    """A weight's per-output-channel fake-quant with its range taken from the weight itself, ``w`` as
+    ``[1, C, K]``: (output, scale, zero point, lo, hi, 1/scale). What
+    :class:`qatkit.quant.quantizer.FakeQuantizer` does for a dynamic weight, in one graph."""
+    lo, hi = w[0].amin(dim=1), w[0].amax(dim=1)  # (aminmax along a dim is a slow ATen fallback)
+    scale, zp = qparams_of(lo, hi, qmin, qmax, symmetric)
+    inv = torch.reciprocal(scale)
+    y = fake_quantize_math(w, inv.view(1, -1, 1), scale.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32), qmin,
+                           qmax, overflow_to_min)
+    return y, scale, zp, lo, hi, inv
+
+
+class _WeightFakeQuantCPU(torch.autograd.Function):
+    """A dynamic per-channel weight quantizer (range, qparams, fake-quant) in one compiled pass; backward is the
+    fake-quant's, the per-channel kernel of :class:`_FakeQuantizeCPU`."""
+
+    @staticmethod
+    def forward(ctx, weight, qmin, qmax, symmetric):  # noqa: D401 - torch API
+        flat = weight.detach().reshape(1, weight.shape[0], -1).detach()
+        for dim in (1, 2):
+            torch._dynamo.decorators.mark_unbacked(flat, dim)
+        y, scale, zp, lo, hi, inv = KERNELS.run("weight", flat, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN)
+        ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32))
+        ctx.grid = (qmin, qmax, _CAST_OVERFLOW_TO_MIN)
+        ctx.mark_non_differentiable(scale, zp, lo, hi)
+        return y.view(weight.shape).detach(), scale, zp, lo, hi
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        return _FakeQuantizeCPU.backward(ctx, grad)[0], None, None, None
+
+
+def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
+    """A dynamic per-output-channel (axis 0) weight quantizer in one compiled kernel (range, qparams and
+    fake-quant; PyTorch's ops bit for bit); None where it does not apply (not float32 CPU, small, inside
+    torch.compile, or compiling failed): the caller then runs the separate ops. Returns (output shaped like
+    ``weight``, scale, zero point, lo, hi).
+
+    Example:
+        >>> y, scale, zp, lo, hi = fused_weight_fake_quant(torch.randn(64, 32, 3, 3), -64, 63, True)
+    """
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < PER_CHANNEL_MIN_NUMEL
+            or torch.compiler.is_compiling()):
+        return None
+    KERNELS.ensure()
+    if not KERNELS.compiled:
+        return None
+    return _WeightFakeQuantCPU.apply(weight, qmin, qmax, symmetric)
+
+
 def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """A float32 CPU tensor large enough that the compiled kernel beats PyTorch's."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32
@@ -262,3 +329,6 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()).int(), qmin, qmax)
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis % x.ndim, qmin, qmax)
+
+
+KERNELS = _Kernels()  # compiled at first use

@@ -49,14 +49,33 @@ def _span(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
     lo_t = torch.as_tensor(lo, dtype=torch.float32)
     hi_t = torch.as_tensor(hi, dtype=torch.float32, device=lo_t.device)
     lo_t, hi_t = torch.broadcast_tensors(lo_t, hi_t)
-    if not bool(torch.isfinite(lo_t).all() & torch.isfinite(hi_t).all()):
-        raise CalibrationError(f"range contains NaN/Inf: lo={lo_t.tolist()}, hi={hi_t.tolist()}")
+    check_finite(lo_t, hi_t)
+    return _span_of(lo_t, hi_t, qmin, qmax, symmetric)
+
+
+def check_finite(lo: Tensor, hi: Tensor) -> None:
+    """Raise :class:`CalibrationError` if a range holds NaN or Inf."""
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        raise CalibrationError(f"range contains NaN/Inf: lo={lo.tolist()}, hi={hi.tolist()}")
+
+
+def _span_of(lo_t: Tensor, hi_t: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor, int]:
     if symmetric and qmin < 0:
         return lo_t, hi_t, torch.maximum(lo_t.abs(), hi_t.abs()), qmax
     if symmetric:
         return lo_t, hi_t, hi_t.clamp(min=0.0), qmax - qmin
     lo_t, hi_t = lo_t.clamp(max=0.0), hi_t.clamp(min=0.0)
     return lo_t, hi_t, hi_t - lo_t, qmax - qmin
+
+
+def qparams_of(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """:func:`range_to_qparams` for float32 ``lo``/``hi`` of one shape already checked finite: plain tensor ops
+    with no host sync, so that a compiled kernel can trace it (qatkit.quant.kernels' weight path)."""
+    lo_t, hi_t, span, steps = _span_of(lo, hi, qmin, qmax, symmetric)
+    scale = _safe_scale(span, steps, scale_floor(qmin, qmax))
+    if symmetric:
+        return scale, torch.full_like(lo_t, 0 if qmin < 0 else qmin, dtype=torch.int32)
+    return scale, (qmin - torch.round(lo_t / scale)).clamp(qmin, qmax).to(torch.int32)
 
 
 def range_to_qparams(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
@@ -85,13 +104,8 @@ def range_to_qparams(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: in
         >>> f"{range_to_qparams(0.0, 1e-7, 0, 255, False)[0].item():.4g}"  # below MIN_RANGE: the floor
         '3.922e-07'
     """
-    lo_t, hi_t, span, steps = _span(lo, hi, qmin, qmax, symmetric)
-    scale = _safe_scale(span, steps, scale_floor(qmin, qmax))
-    if symmetric:
-        zp_value = 0 if qmin < 0 else qmin
-        return scale, torch.full_like(lo_t, zp_value, dtype=torch.int32)
-    zp = (qmin - torch.round(lo_t / scale)).clamp(qmin, qmax).to(torch.int32)
-    return scale, zp
+    lo_t, hi_t, _, _ = _span(lo, hi, qmin, qmax, symmetric)
+    return qparams_of(lo_t, hi_t, qmin, qmax, symmetric)
 
 
 def collapsed(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,

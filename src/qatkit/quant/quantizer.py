@@ -15,8 +15,8 @@ from torch import nn
 from ..distributed import reduce_minmax
 from ..errors import DataError, NotCalibratedError
 from .calibrators import Calibrator, make_calibrator
-from .kernels import fake_quantize
-from .qparams import CalibrationError, range_to_qparams
+from .kernels import fake_quantize, fused_weight_fake_quant
+from .qparams import CalibrationError, check_finite, range_to_qparams
 from .scheme import QuantScheme
 
 
@@ -195,11 +195,46 @@ class FakeQuantizer(nn.Module):
     def _update_dynamic(self, x: torch.Tensor) -> None:
         s = self.scheme
         with torch.no_grad():
-            if s.per_channel:  # one pass for both (amin + amax read the weight twice)
-                lo, hi = torch.aminmax(x.movedim(s.axis % x.ndim, 0).reshape(x.shape[s.axis], -1), dim=1)
+            if s.per_channel:  # (torch.aminmax along a dim is 20x slower than these two on CPU)
+                dims = [d for d in range(x.ndim) if d != s.axis % x.ndim]
+                lo, hi = x.amin(dim=dims), x.amax(dim=dims)
             else:
-                lo, hi = torch.aminmax(x)
+                lo, hi = torch.aminmax(x)  # one pass, half the time of min() + max()
             self.set_range(lo, hi)
+
+    def quantize_weight(self, weight: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+        """This (dynamic) quantizer on ``weight``, each output channel first scaled by ``factor`` when given (the
+        BatchNorm fold, :func:`qatkit.bn_fold.scale_weight`); one compiled kernel on CPU where it applies.
+
+        Args:
+            weight: a conv/linear weight, output channels on axis 0.
+            factor: per-output-channel scale, or None.
+
+        Example:
+            >>> wq = FakeQuantizer(QuantScheme(bits=8, signed=True, symmetric=True, per_channel=True), "w", 16,
+            ...                    dynamic=True)
+            >>> y = wq.quantize_weight(torch.randn(16, 8, 3, 3), torch.rand(16))
+        """
+        s = self.scheme
+        if (self.dynamic and s.per_channel and s.axis % weight.ndim == 0 and s.scale_mode != "learned"
+                and not self.observer_enabled and not torch.onnx.is_in_onnx_export() and bool(self.fake_quant_enabled)):
+            if factor is not None:  # folded eagerly: autograd's reduction for the BN parameters' gradient
+                weight, factor = weight * factor.reshape([-1] + [1] * (weight.ndim - 1)), None
+            fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric)
+            if fused is not None:
+                y, scale, zp, lo, hi = fused
+                check_finite(lo, hi)
+                with torch.no_grad():
+                    self.scale.copy_(scale)
+                    self.zero_point.copy_(zp)
+                    self.range_lo.copy_(lo)
+                    self.range_hi.copy_(hi)
+                return y
+        if factor is not None:
+            shape = [1] * weight.ndim
+            shape[0] = -1
+            weight = weight * factor.reshape(shape)
+        return self(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         exporting = torch.onnx.is_in_onnx_export()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..bn_fold import bn_scale, fold, scale_weight, unscale_output
+from ..bn_fold import bn_scale, fold_bias, unscale_output
 from ..plan import Site
 from ..quant.kernels import quantized_silu
 from ..quant.quantizer import FakeQuantizer, quantize_bias
@@ -166,10 +166,12 @@ class SiteExecutor:
         wq = self.state.q(site.weight)
         if site.fold_bn is not None and self.state.bn_live:
             return self._live_fold(site, wq, func, args, kwargs, bias)
-        weight = args[1]
         if site.fold_bn is not None:
-            weight, bias = fold(weight, bias, self.state.module(site.fold_bn))
-        args[1] = wq(weight)
+            bn = self.state.module(site.fold_bn)
+            factor = bn_scale(bn)
+            args[1], bias = wq.quantize_weight(args[1], factor), fold_bias(bias, bn, factor)
+        else:
+            args[1] = wq.quantize_weight(args[1])
         if bias is not None and site.bias_from is not None and _quantizing(wq, self.state.q(site.bias_from)):
             bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
         if len(args) > 2:
@@ -181,7 +183,7 @@ class SiteExecutor:
     def _live_fold(self, site: Site, wq: FakeQuantizer, func: Callable, args: list, kwargs: dict, bias):
         """BN in train mode: the folded weight is quantized, the scaling divided back out (qatkit.bn_fold)."""
         factor = bn_scale(self.state.module(site.fold_bn))
-        args[1] = wq(scale_weight(args[1], factor))
+        args[1] = wq.quantize_weight(args[1], factor)
         if len(args) > 2:
             args[2] = None
         kwargs.pop("bias", None)
