@@ -129,7 +129,7 @@ def freeze(model: nn.Module, *, bn: bool = True, scales: bool = False) -> nn.Mod
     """
     state = quantization_state(model)
     if bn:
-        state.bn_frozen.fill_(True)
+        state.freeze_bn()
     if scales:
         for q in state.quantizers.values():
             if not q.dynamic:

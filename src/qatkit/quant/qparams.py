@@ -42,19 +42,20 @@ def scale_floor(qmin: int, qmax: int) -> float:
 
 
 def _span(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
-          symmetric: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+          symmetric: bool, check_finite: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
     """(lo, hi, span, steps): ``scale = span / steps`` before the floor; lo/hi widened to hold 0 when affine."""
     if qmin >= qmax:
         raise ValueError(f"need qmin < qmax, got [{qmin}, {qmax}]")
     lo_t = torch.as_tensor(lo, dtype=torch.float32)
     hi_t = torch.as_tensor(hi, dtype=torch.float32, device=lo_t.device)
     lo_t, hi_t = torch.broadcast_tensors(lo_t, hi_t)
-    check_finite(lo_t, hi_t)
+    if check_finite:
+        require_finite(lo_t, hi_t)
     return _span_of(lo_t, hi_t, qmin, qmax, symmetric)
 
 
-def check_finite(lo: Tensor, hi: Tensor) -> None:
-    """Raise :class:`CalibrationError` if a range holds NaN or Inf."""
+def require_finite(lo: Tensor, hi: Tensor) -> None:
+    """Raise :class:`CalibrationError` if a range holds NaN or Inf (a device sync)."""
     if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
         raise CalibrationError(f"range contains NaN/Inf: lo={lo.tolist()}, hi={hi.tolist()}")
 
@@ -79,7 +80,7 @@ def qparams_of(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool) ->
 
 
 def range_to_qparams(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
-                     symmetric: bool) -> tuple[Tensor, Tensor]:
+                     symmetric: bool, *, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     """Map a clipping range onto the integer grid ``[qmin, qmax]``.
 
     * symmetric, signed grid (qmin < 0): ``scale = max(|lo|,|hi|) / qmax``, zp = 0.
@@ -93,6 +94,8 @@ def range_to_qparams(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: in
         lo, hi: the clipping range, scalars (per tensor) or ``[C]`` tensors (per channel).
         qmin, qmax: the integer grid.
         symmetric: symmetric (zero point fixed) or affine grid.
+        check_finite: raise :class:`CalibrationError` on a NaN/Inf range (a device sync; the quantizer's
+            per-step paths skip it, see :meth:`qatkit.quant.quantizer.FakeQuantizer.set_range`).
 
     Returns:
         ``(scale float32, zero_point int32)`` broadcast to the shape of lo/hi, on their device.
@@ -104,7 +107,7 @@ def range_to_qparams(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: in
         >>> f"{range_to_qparams(0.0, 1e-7, 0, 255, False)[0].item():.4g}"  # below MIN_RANGE: the floor
         '3.922e-07'
     """
-    lo_t, hi_t, _, _ = _span(lo, hi, qmin, qmax, symmetric)
+    lo_t, hi_t, _, _ = _span(lo, hi, qmin, qmax, symmetric, check_finite)
     return qparams_of(lo_t, hi_t, qmin, qmax, symmetric)
 
 

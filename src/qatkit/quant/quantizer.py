@@ -16,7 +16,7 @@ from ..distributed import reduce_minmax
 from ..errors import DataError, NotCalibratedError
 from .calibrators import Calibrator, make_calibrator
 from .kernels import fake_quantize, fused_weight_fake_quant
-from .qparams import CalibrationError, check_finite, range_to_qparams
+from .qparams import CalibrationError, range_to_qparams
 from .scheme import QuantScheme
 
 
@@ -102,6 +102,11 @@ class FakeQuantizer(nn.Module):
     Sharing is by object: install one ``FakeQuantizer`` at several places and they observe together and use one
     scale (what concat inputs or a max-pool's input and output need). ``dynamic`` quantizers (weights) recompute
     their range from the tensor at every call, so QAT weight updates never see a stale scale.
+
+    The flags ``calibrated``, ``fake_quant_enabled`` and ``scale_frozen`` are buffers, so that checkpoints and DDP
+    carry them, and are mirrored as Python bools that ``forward`` reads (a ``bool()`` of a tensor would split a
+    ``torch.compile`` graph; a Python bool is a guard). The switch methods, :meth:`set_range` and
+    ``load_state_dict`` keep both in step; code that writes a flag buffer directly calls :meth:`sync_flags` after.
     """
 
     def __init__(self, scheme: QuantScheme, name: str = "", channels: int | None = None, dynamic: bool = False):
@@ -122,16 +127,19 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(dynamic))
         self.register_buffer("fake_quant_enabled", torch.tensor(True))
         self.register_buffer("scale_frozen", torch.tensor(False))  # freeze schedule: EMA stops, LSQ stops learning
+        self._calibrated, self._fake_quant_on, self._scale_frozen = dynamic, True, False  # the buffers' mirrors
         self.observer_enabled = False
         self.calibrator: Calibrator | None = None
 
     # ----------------------------------------------------------------- switches
     def enable_fake_quant(self, enabled: bool = True) -> None:
         self.fake_quant_enabled.fill_(int(enabled))
+        self._fake_quant_on = bool(enabled)
 
     def freeze_scale(self, frozen: bool = True) -> None:
         """Keep the current scale for the rest of training (EMA updates stop, a learned scale stops learning)."""
         self.scale_frozen.fill_(bool(frozen))
+        self._scale_frozen = bool(frozen)
         if isinstance(self.scale, nn.Parameter):
             self.scale.requires_grad_(not frozen)
 
@@ -161,35 +169,60 @@ class FakeQuantizer(nn.Module):
         self.observer_enabled = False
         self.calibrator = None
 
+    def sync_flags(self) -> None:
+        """Re-read the Python mirrors of the flag buffers (after writing a buffer directly, e.g. an EMA copy)."""
+        self._calibrated = bool(self.calibrated)
+        self._fake_quant_on = bool(self.fake_quant_enabled)
+        self._scale_frozen = bool(self.scale_frozen)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """``load_state_dict`` (a checkpoint, an optimizer resume): the mirrors follow the loaded flags."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self.sync_flags()
+
     @torch.no_grad()
-    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor, *, check_finite: bool = True) -> None:
+        """Set scale/zero point from the range ``[lo, hi]`` (marks the quantizer calibrated).
+
+        ``check_finite=False`` on the per-step paths (weights' dynamic range, EMA updates) skips the NaN/Inf check,
+        a device sync that would also split a ``torch.compile`` graph; calibration ranges are always checked.
+        """
         s = self.scheme
-        scale, zp = range_to_qparams(lo, hi, s.qmin, s.qmax, s.symmetric)
+        scale, zp = range_to_qparams(lo, hi, s.qmin, s.qmax, s.symmetric, check_finite=check_finite)
         self.scale.copy_(scale.reshape(self.scale.shape).float())
         self.zero_point.copy_(zp.reshape(self.zero_point.shape).int())
         self.range_lo.copy_(torch.as_tensor(lo).reshape(self.range_lo.shape))
         self.range_hi.copy_(torch.as_tensor(hi).reshape(self.range_hi.shape))
-        self.calibrated.fill_(1)
+        if not self._calibrated:  # dynamic quantizers are calibrated from the start: no write per step
+            self.calibrated.fill_(1)
+            self._calibrated = True
 
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor) -> None:
         """Moving-average min/max of training batches (PyTorch's MovingAverageMinMaxObserver rule)."""
         c = self.scheme.averaging_constant
         lo, hi = reduce_minmax(*torch.aminmax(x.detach().float()))  # DDP: every rank moves its range alike
-        self.set_range(self.range_lo + c * (lo - self.range_lo), self.range_hi + c * (hi - self.range_hi))
+        self.set_range(self.range_lo + c * (lo - self.range_lo), self.range_hi + c * (hi - self.range_hi),
+                       check_finite=False)
 
     def plain(self) -> bool:
         """Whether :meth:`forward` is only the fake-quant with the stored scale: nothing observed or updated, not
         exporting, not learned (so a fused kernel may apply it instead)."""
         s = self.scheme
         if (self.observer_enabled or self.dynamic or s.scale_mode == "learned" or torch.onnx.is_in_onnx_export()
-                or (self.training and s.scale_mode == "ema" and not bool(self.scale_frozen))):
+                or (self.training and s.scale_mode == "ema" and not self._scale_frozen)):
             return False
-        return bool(self.fake_quant_enabled) and self.is_calibrated
+        return self._fake_quant_on and self._calibrated
 
     @property
     def is_calibrated(self) -> bool:
-        return bool(self.calibrated)
+        """Whether the quantizer has a scale (calibrated, or dynamic)."""
+        return self._calibrated
+
+    @property
+    def fake_quant_on(self) -> bool:
+        """Whether ``forward`` fake-quantizes (else it passes its input through)."""
+        return self._fake_quant_on
 
     # ----------------------------------------------------------------- forward
     def _update_dynamic(self, x: torch.Tensor) -> None:
@@ -200,7 +233,7 @@ class FakeQuantizer(nn.Module):
                 lo, hi = x.amin(dim=dims), x.amax(dim=dims)
             else:
                 lo, hi = torch.aminmax(x)  # one pass, half the time of min() + max()
-            self.set_range(lo, hi)
+            self.set_range(lo, hi, check_finite=False)
 
     def quantize_weight(self, weight: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
         """This (dynamic) quantizer on ``weight``, each output channel first scaled by ``factor`` when given (the
@@ -217,13 +250,12 @@ class FakeQuantizer(nn.Module):
         """
         s = self.scheme
         if (self.dynamic and s.per_channel and s.axis % weight.ndim == 0 and s.scale_mode != "learned"
-                and not self.observer_enabled and not torch.onnx.is_in_onnx_export() and bool(self.fake_quant_enabled)):
+                and not self.observer_enabled and not torch.onnx.is_in_onnx_export() and self._fake_quant_on):
             if factor is not None:  # folded eagerly: autograd's reduction for the BN parameters' gradient
                 weight, factor = weight * factor.reshape([-1] + [1] * (weight.ndim - 1)), None
             fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric)
             if fused is not None:
-                y, scale, zp, lo, hi = fused
-                check_finite(lo, hi)
+                y, scale, zp, lo, hi = fused  # (not checked for NaN per step: see set_range)
                 with torch.no_grad():
                     self.scale.copy_(scale)
                     self.zero_point.copy_(zp)
@@ -246,9 +278,9 @@ class FakeQuantizer(nn.Module):
         if self.dynamic and not exporting:
             self._update_dynamic(x)
         elif (self.training and self.scheme.scale_mode == "ema" and self.is_calibrated and not exporting
-              and not bool(self.scale_frozen)):
+              and not self._scale_frozen):
             self._ema_update(x)
-        if not bool(self.fake_quant_enabled):
+        if not self._fake_quant_on:
             return x
         if not self.is_calibrated:
             raise NotCalibratedError(
@@ -302,7 +334,7 @@ class FakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         state = "calibrated" if self.is_calibrated else "NOT calibrated"
-        return f"{self.name}: {self.scheme.describe()}, {state}, fake_quant={bool(self.fake_quant_enabled)}"
+        return f"{self.name}: {self.scheme.describe()}, {state}, fake_quant={self._fake_quant_on}"
 
 
 # Bias codes are clipped to +-2**30, not the int32 limits: integer kernels add the bias to an int32 accumulator,

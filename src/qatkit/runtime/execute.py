@@ -23,7 +23,7 @@ def _quantizing(*quantizers: FakeQuantizer) -> bool:
     """Whether all of these quantize now (fake-quant on and a scale). While calibration observes (fake-quant off) or a
     sensitivity sweep keeps a layer float, its bias stays float too: rounding it to ``s_input * s_weight`` with an
     input scale not yet calibrated (1.0) would shift what the observers see."""
-    return all(bool(q.fake_quant_enabled) and q.is_calibrated for q in quantizers)
+    return all(q.fake_quant_on and q.is_calibrated for q in quantizers)
 
 
 _SCALARS = (int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.memory_format,

@@ -1,6 +1,8 @@
 """Hooks: forward (pre-)hooks on every submodule keep track of module calls and quantize leaf inputs/outputs."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +18,31 @@ from .execute import SiteExecutor
 
 if TYPE_CHECKING:
     from .state import QuantState
+
+_RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))
+# where PyTorch's compiler runs its own torch calls (tracing, AOTAutograd wrappers, inductor's generated code)
+_COMPILER_PATHS = ("/torch/_dynamo/", "/torch/_inductor/", "/torch/_functorch/", "/torch/_subclasses/", "/torch/fx/",
+                   "torchinductor")
+COMPILE_OUTSIDE_HOOKS = (
+    "qatkit: torch.compile ran this model's top-level hooks outside its graph (what torch.compile(model) and "
+    "model.compile() do when the model's class is not from torch.nn), so qatkit's op interception stayed active "
+    "around the compiled code and sees PyTorch's own calls (extra Python work per call, and these warnings); "
+    "compile inside `with torch._dynamo.config.patch(wrap_top_frame=True):` (the hooks are "
+    "then traced into the one graph) or compile a function that calls the model, such as the training step"
+)
+
+
+def _called_by_compiler() -> bool:
+    """Whether the op now reaching the mode was called by PyTorch's compiler, not by the model (the first frame
+    outside qatkit's run time and ``torch.overrides`` is compiler code). Only looked at before a warning."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_RUNTIME_DIR) or name.endswith("overrides.py")):
+            name = name.replace(os.sep, "/")
+            return any(p in name for p in _COMPILER_PATHS)
+        frame = frame.f_back
+    return False
 
 
 class ModelHooks:
@@ -75,6 +102,9 @@ class ModelHooks:
         state = self.state
         if state.known and key not in state.known and state.recorder is None:
             self._warned = True
+            if _called_by_compiler():
+                warnings.warn(COMPILE_OUTSIDE_HOOKS, QatkitWarning, stacklevel=2)
+                return
             warnings.warn(f"qatkit: '{key}' did not run when the model was captured (control flow that depends on "
                           "the input or on train/eval mode), so it runs float; capture with example inputs that take "
                           "this path to quantize it", QatkitWarning, stacklevel=4)

@@ -41,6 +41,7 @@ class QuantState(nn.Module):
         # BN folding: "live" (train mode, not frozen) simulates the fold and lets BN use and update batch
         # statistics; frozen or eval uses running statistics, exactly the deployed conv. A buffer: saved, resumed.
         self.register_buffer("bn_frozen", torch.tensor(False))
+        self._bn_frozen = False  # its Python mirror, what bn_live reads (FakeQuantizer's flags have them too)
         self.functional = True  # False after a capture fallback: module hooks only, no torch-function mode
         self.tap: Callable[[FakeQuantizer, torch.Tensor], torch.Tensor] | None = None
         self._model_hooks: list[ModelHooks] = []
@@ -68,10 +69,26 @@ class QuantState(nn.Module):
         """The submodule of the attached model at ``path`` (e.g. the BatchNorm a site folds)."""
         return self._root.get_submodule(path)
 
+    def freeze_bn(self, frozen: bool = True) -> None:
+        """Set ``bn_frozen`` (see :func:`qatkit.freeze`), the buffer and its mirror."""
+        self.bn_frozen.fill_(bool(frozen))
+        self._bn_frozen = bool(frozen)
+
+    def sync_flags(self) -> None:
+        """Re-read the mirror of ``bn_frozen`` and of every quantizer's flags (after writing buffers directly)."""
+        self._bn_frozen = bool(self.bn_frozen)
+        for q in self.quantizers.values():
+            q.sync_flags()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """``load_state_dict``: the mirror follows the loaded ``bn_frozen`` (quantizers re-read their own)."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self._bn_frozen = bool(self.bn_frozen)
+
     @property
     def bn_live(self) -> bool:
         """BatchNorm uses batch statistics (train mode, not frozen by :func:`qatkit.freeze`)."""
-        return self._root.training and not bool(self.bn_frozen)
+        return self._root.training and not self._bn_frozen
 
     def site_table(self) -> dict:
         """Plain-data copy of the sites, for checkpoints (kept out of state_dict: jit tracing needs tensors only)."""

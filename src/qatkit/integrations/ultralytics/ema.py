@@ -34,11 +34,12 @@ def sync_quantizers(ema: nn.Module, model: nn.Module) -> None:
         >>> sync_quantizers(trainer.ema.ema, trainer.model)  # doctest: +SKIP
     """
     ema_state, live_state = quantization_state(ema), quantization_state(model)
-    ema_state.bn_frozen.copy_(live_state.bn_frozen)
+    ema_state.freeze_bn(bool(live_state.bn_frozen))
     for name, q in ema_state.quantizers.items():
         live = live_state.quantizers[name]
         for flag in FLAGS:
             getattr(q, flag).copy_(getattr(live, flag))
+        q.sync_flags()  # the Python mirrors forward reads
         if not q.dynamic and q.scheme.scale_mode == "ema" and q.is_calibrated:
             q.set_range(q.range_lo.clone(), q.range_hi.clone())
 
