@@ -84,9 +84,22 @@ def peer_model(tool) -> Callable:
     return build
 
 
+class CompiledCall(nn.Module):
+    """``torch.compile`` of a function that calls the model (so the model's own hooks are traced into the graph;
+    ``torch.compile(model)`` of a class not from torch.nn runs them outside it, docs/performance.md)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.__dict__["_fn"] = torch.compile(lambda x: model(x))
+
+    def forward(self, x: torch.Tensor):
+        return self._fn(x)
+
+
 def compiled(build: Callable | None) -> Callable:
     def make(model: nn.Module, batches: list) -> nn.Module:
-        return torch.compile(build(model, batches) if build else copy.deepcopy(model))
+        return CompiledCall(build(model, batches) if build else copy.deepcopy(model))
     return make
 
 
