@@ -10,13 +10,14 @@ to the float step of the same run (compiled rows: to the compiled float step).
 
 Variants: qatkit ``onnxruntime`` recipe with BatchNorm frozen (qatkit's QAT default, `qatkit.freeze`) and live
 (train-mode BN, folding simulated); qatkit ``tensorrt`` recipe (conv/linear inputs and weights, ModelOpt's default
-placement), BN live; ModelOpt ``INT8_DEFAULT_CFG``; torchao PT2E QAT (``prepare_qat_pt2e``, X86InductorQuantizer);
+placement), BN live and frozen (ModelOpt trains BN unfused, in train mode); ModelOpt ``INT8_DEFAULT_CFG``; torchao PT2E QAT (``prepare_qat_pt2e``, X86InductorQuantizer);
 and ``torch.compile`` of the float model and of qatkit's ``onnxruntime`` model (BN frozen).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -108,6 +109,7 @@ VARIANTS: dict[str, tuple[Callable | None, bool]] = {  # name -> (builder, compi
     "qatkit onnxruntime, BN frozen": (qatkit_model("onnxruntime", True), False),
     "qatkit onnxruntime, BN live": (qatkit_model("onnxruntime", False), False),
     "qatkit tensorrt, BN live": (qatkit_model("tensorrt", False), False),
+    "qatkit tensorrt, BN frozen": (qatkit_model("tensorrt", True), False),
     "ModelOpt INT8_DEFAULT_CFG": (peer_model(ModelOpt()), False),
     "torchao PT2E QAT": (peer_model(TorchaoPT2E()), False),
     "compiled float": (compiled(None), True),
@@ -169,12 +171,11 @@ def table(results: dict[str, dict], variants: list[str]) -> list[str]:
     return lines
 
 
-def write_doc(doc: Path, lines: list[str], command: str, seconds: float, threads: int) -> None:
+def write_doc(doc: Path, lines: list[str], command: str) -> None:
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")
                      if f in Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else "?"
-    block = "\n".join([BEGIN, f"Command: `{command}` ({seconds / 60:.0f} min). Machine: {platform.machine()} "
-                       f"{platform.processor() or ''}, {torch.get_num_threads()} torch thread(s) of "
-                       f"{torch.get_num_threads() if threads else 'all'}, CPU flags: {flags}; torch {torch.__version__}. "
+    block = "\n".join([BEGIN, f"Command: `{command}`. Machine: {platform.machine()}, {torch.get_num_threads()} torch "
+                       f"thread(s) of {os.cpu_count()} CPUs, CPU flags: {flags}; torch {torch.__version__}. "
                        "Median step; in brackets the ratio to the float step of the same run (compiled rows: "
                        "to the compiled float step).", "", *lines, END])
     text = doc.read_text() if doc.exists() else ""
@@ -197,12 +198,11 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    start = time.perf_counter()
     results = {case: measure(case, args.rounds, args.steps, args.variants) for case in args.cases}
     lines = table(results, args.variants)
     print("\n".join(lines))
     command = "python " + " ".join(["benchmarks/step_time.py", *sys.argv[1:]])
-    write_doc(Path(args.doc), lines, command, time.perf_counter() - start, args.threads)
+    write_doc(Path(args.doc), lines, command)
     return 0
 
 
