@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ..errors import QatkitError
 from ..bn_fold import bn_scale, fold_bias, unscale_output
 from ..plan import Site
 from ..quant.kernels import quantized_silu
@@ -17,6 +18,12 @@ if TYPE_CHECKING:
     from .state import QuantState
 
 _WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
+LIVE_BN_COMPILE = (
+    "torch.compile of a quantized model training with BatchNorm live (BN in train mode, not frozen): on torch 2.14, "
+    "AOTAutograd recomputes the BN fold from running_var in the backward after BN has updated it in place, and "
+    "inductor then computes wrong gradients without an error; call qatkit.freeze(model, bn=True) before training "
+    "the compiled model (qatkit's default QAT schedule), or train this phase without torch.compile"
+)
 
 
 def _quantizing(*quantizers: FakeQuantizer) -> bool:
@@ -82,6 +89,13 @@ def _quantize_flat(run: "SiteExecutor", site: Site, tree):
         else:
             out.append(a)
     return tuple(out)
+
+
+@torch.compiler.disable
+def _refuse_live_bn_compile() -> None:
+    """Raised from outside the graph: dynamo runs a disabled function eagerly, so the error reaches the user
+    (a ``raise`` in traced code would only split the graph and run that code eagerly)."""
+    raise QatkitError(LIVE_BN_COMPILE)
 
 
 class SiteExecutor:
@@ -182,6 +196,8 @@ class SiteExecutor:
 
     def _live_fold(self, site: Site, wq: FakeQuantizer, func: Callable, args: list, kwargs: dict, bias):
         """BN in train mode: the folded weight is quantized, the scaling divided back out (qatkit.bn_fold)."""
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            _refuse_live_bn_compile()
         factor = bn_scale(self.state.module(site.fold_bn))
         args[1] = wq.quantize_weight(args[1], factor)
         if len(args) > 2:
