@@ -24,7 +24,6 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run.py
 	$(VENV)/bin/python benchmarks/speed.py
-	$(VENV)/bin/python benchmarks/qat_overhead.py
 	$(VENV)/bin/python benchmarks/fake_quant_kernels.py
 	$(VENV)/bin/python benchmarks/step_time.py
 	$(VENV)/bin/python benchmarks/ultralytics_qat.py

@@ -1,10 +1,10 @@
 """QAT step time vs float step time on the demo detector (a benchmark, not a test).
 
-`make bench` runs it and writes docs/qat_overhead.md. One step = forward, detection loss, backward, AdamW step, on
-the same batches (batch 16, 160x160 unless ``--batch``/``--size`` say otherwise: smaller images are the dataset's,
-resized, boxes scaled alike) from the shipped float checkpoint; the quantized models are calibrated first, with BN live
-(as QAT starts) and, for comparison, frozen. Rounds alternate float and quantized so that machine noise hits both
-alike; each figure is the median step time over all rounds.
+Run by hand (`make bench` runs benchmarks/step_time.py instead); writes docs/qat_overhead.md. One step = forward,
+detection loss, backward, AdamW step, on the same batches (batch 16, 160x160 unless ``--batch``/``--size`` say
+otherwise: smaller images are the dataset's, resized, boxes scaled alike) from the shipped float checkpoint; the
+quantized models are calibrated first, with BN live (as QAT starts) and, for comparison, frozen. Rounds alternate
+float and quantized so that machine noise hits both alike; each figure is the median step time over all rounds.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def main() -> int:
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     lines = [
         "# QAT step time vs float step time", "",
-        f"Command: `python {' '.join(['benchmarks/qat_overhead.py', *sys.argv[1:]])}` (part of `make bench`), "
+        f"Command: `python {' '.join(['benchmarks/qat_overhead.py', *sys.argv[1:]])}` (run by hand), "
         f"{time.strftime('%Y-%m-%d')}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         "", f"Demo detector, batch {batch}, {size}x{size}; median of "

@@ -10,8 +10,9 @@ to the float step of the same run (compiled rows: to the compiled float step).
 
 Variants: qatkit ``onnxruntime`` recipe with BatchNorm frozen (qatkit's QAT default, `qatkit.freeze`) and live
 (train-mode BN, folding simulated); qatkit ``tensorrt`` recipe (conv/linear inputs and weights, ModelOpt's default
-placement), BN live and frozen (ModelOpt trains BN unfused, in train mode); ModelOpt ``INT8_DEFAULT_CFG``; torchao PT2E QAT (``prepare_qat_pt2e``, X86InductorQuantizer);
-and ``torch.compile`` of the float model and of qatkit's ``onnxruntime`` model (BN frozen).
+placement), BN live and frozen (ModelOpt trains BN unfused, in train mode); ModelOpt ``INT8_DEFAULT_CFG``; torchao
+PT2E QAT (``prepare_qat_pt2e``, X86InductorQuantizer); and ``torch.compile`` of the float model and of qatkit's
+``onnxruntime`` model (BN frozen).
 """
 from __future__ import annotations
 

@@ -150,9 +150,9 @@ class _FakeQuantizeCPU(torch.autograd.Function):
     """PyTorch's fake-quant (per tensor or per channel) on float32 CPU tensors, bit for bit, output and gradient.
 
     PyTorch's CPU kernels for ``fake_quantize_per_{tensor,channel}_affine`` are scalar loops (a ``nearbyint`` per
-    element; per channel also a division per element, and a second pass for the mask): 14 ms forward and backward
-    for one 16x32x80x80 activation on one thread, where the compiled :func:`fake_quantize_math` takes 2.7 ms
-    (docs/qat_overhead.md). Backward is the kernels': ``grad * mask``.
+    element; per channel also a division per element, and a second pass for the mask): 29.6 ms forward and
+    backward for one 16x32x80x80 activation on one thread, where the compiled :func:`fake_quantize_math` takes
+    2.3 ms (`benchmarks/fake_quant_kernels.py`, docs/performance.md). Backward is the kernels': ``grad * mask``.
     """
 
     @staticmethod
