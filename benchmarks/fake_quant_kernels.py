@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from doc_block import write_block
 from qatkit.quant.kernels import _fake_quantize_cpu, fused_weight_fake_quant, quantized_silu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,15 +77,9 @@ def main() -> int:
     lines += [f"| {name} | {a:.2f} | {b:.2f} | {a / b:.1f}x |" for name, a, b in rows(args.runs)]
     print("\n".join(lines))
     command = "python " + " ".join(["benchmarks/fake_quant_kernels.py", *sys.argv[1:]])
-    block = "\n".join([BEGIN, f"Command: `{command}`; {torch.get_num_threads()} torch thread(s), torch "
-                       f"{torch.__version__}; forward + backward, median of {args.runs}.", "", *lines, END])
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Fake-quant kernels (`benchmarks/fake_quant_kernels.py`)\n\n" + block + "\n"
-    doc.write_text(text)
+    write_block(Path(args.doc), BEGIN, END, [f"Command: `{command}`; {torch.get_num_threads()} torch thread(s), "
+                                             f"torch {torch.__version__}; forward + backward, median of {args.runs}.",
+                                             "", *lines], "## Fake-quant kernels (`benchmarks/fake_quant_kernels.py`)")
     return 0
 
 

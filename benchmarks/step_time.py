@@ -34,7 +34,8 @@ import qatkit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from peers import ModelOpt, TorchaoPT2E  # noqa: E402 - the peer adapters live beside this script
+from doc_block import write_block  # noqa: E402 - the helpers live beside this script
+from peers import ModelOpt, TorchaoPT2E  # noqa: E402
 
 BEGIN, END = "<!-- step_time:begin -->", "<!-- step_time:end -->"
 
@@ -175,16 +176,11 @@ def table(results: dict[str, dict], variants: list[str]) -> list[str]:
 def write_doc(doc: Path, lines: list[str], command: str) -> None:
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")
                      if f in Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else "?"
-    block = "\n".join([BEGIN, f"Command: `{command}`. Machine: {platform.machine()}, {torch.get_num_threads()} torch "
-                       f"thread(s) of {os.cpu_count()} CPUs, CPU flags: {flags}; torch {torch.__version__}. "
-                       "Median step; in brackets the ratio to the float step of the same run (compiled rows: "
-                       "to the compiled float step).", "", *lines, END])
-    text = doc.read_text() if doc.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## QAT step time (`benchmarks/step_time.py`)\n\n" + block + "\n"
-    doc.write_text(text)
+    write_block(doc, BEGIN, END, [f"Command: `{command}`. Machine: {platform.machine()}, {torch.get_num_threads()} "
+                                  f"torch thread(s) of {os.cpu_count()} CPUs, CPU flags: {flags}; torch "
+                                  f"{torch.__version__}. Median step; in brackets the ratio to the float step of the "
+                                  "same run (compiled rows: to the compiled float step).", "", *lines],
+                "## QAT step time (`benchmarks/step_time.py`)")
 
 
 def main() -> int:
