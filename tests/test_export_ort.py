@@ -419,3 +419,47 @@ def test_concat_inputs_and_output_share_one_quantizer():
         out = state.sites[cat.key].output
         producers = [state.sites[e[0]].output for e in cat.inputs if e is not None and e[0] in state.sites]
         assert producers and all(p == out for p in producers), (cat.key, out, producers)
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's BasicBlock pattern: conv-bn-relu, conv-bn, += identity, relu (one ReLU module, called twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class _ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.block1, self.block2 = _BasicBlock(), _BasicBlock()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block2(self.block1(self.relu(self.stem(x)))))
+
+
+def test_residual_add_then_relu_fuses_like_quantize_static(tmp_path):
+    """add -> relu gets one quantizer, after the relu: ORT fuses it into QLinearAdd with no requantization left
+    (a quantizer of its own on the add output left a DequantizeLinear -> QuantizeLinear pair per block, as
+    onnxruntime's quantize_static does not), and ORT still agrees with PyTorch."""
+    torch.manual_seed(0)
+    net = _ResidualNet().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    qatkit.quantize(net, "onnxruntime", (x[:1],))
+    assert "add_#0" not in " ".join(qatkit.quantization_state(net).sites)  # the add's output is the relu's
+    qatkit.calibrate(net, [x])
+    path = qatkit.export_onnx(net, (x[:1],), tmp_path / "residual.onnx")
+    counts = fused_op_counts(path)
+    assert counts.get("QLinearAdd", 0) == 2 and counts.get("QuantizeLinear", 0) == 1, counts  # the model input's
+    assert qatkit.verify(net, path, [x]).within_one_step >= 0.999

@@ -13,6 +13,7 @@ from .builder import PlacementBuilder
 from .policy import Policy
 
 NEW_SCALE = ("add", "mul", "cat", "sigmoid", "pool", "act", "matmul")  # ops whose output gets its own quantizer
+RELU_FUSABLE = ("add", "mul", "matmul")  # ... unless a ReLU alone reads it (conv/linear: always)
 
 
 class AllActivations(Policy):
@@ -49,6 +50,8 @@ class AllActivations(Policy):
                 b.site(node).relu = True  # only functional F.silu is left: modules were swapped
             elif kind == "silu":
                 b.site(node).sigmoid = b.new_act(node, quantizer_name(node.key, "sigmoid"))
+            if kind in RELU_FUSABLE and self._relu_follows(node):
+                return  # add+relu: one quantizer, after the relu (ORT drops the relu into QLinearAdd's output)
             b.add_output(node)
         elif kind == "shape" and first in b.edge_q:
             b.set_output(node, b.edge_q[first])
@@ -63,13 +66,24 @@ class AllActivations(Policy):
         site = b.site(node)
         site.bias_from = site.inputs.get(0) or b.edge_q.get(first)
         nxt = b.folded_bn(node) or node
-        after = self.facts.only_consumer(nxt)
-        if after is not None and after.kind == "relu" and not self.rules.skipped(after):
-            self.relu_fused.add((nxt.key, 0))  # conv+relu: only the relu output is quantized, ORT fuses the pair
+        if self._relu_follows(nxt):  # conv+relu: only the relu output is quantized, ORT fuses the pair
             return
         b.add_output(node)
         if nxt is not node and (node.key, 0) in b.edge_q:
             b.edge_q[(nxt.key, 0)] = b.edge_q[(node.key, 0)]
+
+    def _relu_follows(self, node: Node) -> bool:
+        """Whether a ReLU (that the rules quantize) alone reads ``node``'s output; if so, the output is left to it.
+
+        A ReLU's output quantizer has its zero point at qmin, so ``Op -> Relu -> Q`` is ``Op -> Q`` with the same
+        codes: ORT removes the Relu and fuses the rest (QLinearConv, QLinearAdd). A quantizer of its own before the
+        ReLU would leave a DequantizeLinear -> QuantizeLinear requantization between them in ORT's graph.
+        """
+        after = self.facts.only_consumer(node)
+        if after is None or after.kind != "relu" or self.rules.skipped(after):
+            return False
+        self.relu_fused.add((node.key, 0))
+        return True
 
     def _quantized_before(self, edge: Edge) -> bool:
         return edge in self.builder.edge_q  # the producer already quantized it
