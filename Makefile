@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run.py
 	$(VENV)/bin/python benchmarks/speed.py
+	$(VENV)/bin/python benchmarks/ort_vs_quantize_static.py
 	$(VENV)/bin/python benchmarks/fake_quant_kernels.py
 	$(VENV)/bin/python benchmarks/step_time.py
 	$(VENV)/bin/python benchmarks/ultralytics_qat.py

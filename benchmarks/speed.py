@@ -37,11 +37,8 @@ def demo() -> tuple[nn.Module, list[torch.Tensor], int]:
     return load_float(cfg.float_checkpoint), list(image_batches(train, 8, 8, 0)), cfg.img_size
 
 
-def yolov8n() -> tuple[nn.Module, list[torch.Tensor], int]:
-    from ultralytics.nn.tasks import DetectionModel
-
-    torch.manual_seed(0)
-    model = DetectionModel("yolov8n.yaml", verbose=False)
+def with_bn_statistics(model: nn.Module, size: int) -> nn.Module:
+    """Random weights with BatchNorm statistics from random images (so activations have a realistic spread)."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -49,8 +46,16 @@ def yolov8n() -> tuple[nn.Module, list[torch.Tensor], int]:
     model.train()
     with torch.no_grad():
         for _ in range(4):
-            model(torch.rand(2, 3, 640, 640))
-    return model.eval(), [torch.rand(1, 3, 640, 640) for _ in range(8)], 640
+            model(torch.rand(2, 3, size, size))
+    return model.eval()
+
+
+def yolov8n(size: int = 640) -> tuple[nn.Module, list[torch.Tensor], int]:
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = with_bn_statistics(DetectionModel("yolov8n.yaml", verbose=False), size)
+    return model, [torch.rand(1, 3, size, size) for _ in range(8)], size
 
 
 def measure(name: str, build, out: Path, rounds: int, runs: int) -> dict:
