@@ -126,7 +126,8 @@ def test_compiled_kernels_do_not_recompile():
 def test_compile_failure_warns_and_stays_exact():
     """A kernel that cannot compile says so once, names the fix, and the arithmetic stays PyTorch's."""
     k = _Kernels()
-    with pytest.warns(QatkitWarning, match="could not be compiled.*C\\+\\+ compiler"):
+    failed = r"compiled CPU fake-quant kernels failed \(RuntimeError: no compiler\).*g\+\+"
+    with pytest.warns(QatkitWarning, match=failed):
         k.fail(RuntimeError("no compiler"))
     assert not k.compiled
     x = torch.randn(3, 9000)
@@ -210,3 +211,16 @@ def test_fused_weight_path_matches_separate_ops(bits, symmetric):
     assert torch.equal(wa.grad, wb.grad) and torch.equal(fa.grad, fb.grad)
     for name in ("scale", "zero_point", "range_lo", "range_hi"):
         assert torch.equal(getattr(fused_q, name), getattr(plain_q, name)), name
+
+
+def test_inference_mode_and_channels_last():
+    """Inference tensors (their own compiled variant) and channels-last inputs give PyTorch's output."""
+    g = torch.Generator().manual_seed(5)
+    scale, zp = torch.tensor(0.02), torch.tensor(3, dtype=torch.int32)
+    with torch.inference_mode():
+        x = torch.randn(4, 16, 32, 32, generator=g)
+        assert torch.equal(_fake_quantize_cpu(x, scale, zp, None, 0, 255),
+                           torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255))
+    x = torch.randn(4, 16, 32, 32, generator=g).to(memory_format=torch.channels_last)
+    assert torch.equal(_fake_quantize_cpu(x, scale, zp, None, 0, 255),
+                       torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255))

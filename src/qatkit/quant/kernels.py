@@ -122,11 +122,13 @@ class _Kernels:
             self.fail(e)
 
     def run(self, which: str, *args) -> torch.Tensor:
-        """The ``forward`` or ``backward`` kernel on ``args``; a compiled kernel that fails (at its first call,
-        when inductor compiles it) falls back to the uncompiled arithmetic."""
+        """The ``forward``, ``backward``, ``silu_*`` or ``weight`` kernel on ``args``.
+
+        If the compiled kernel fails (inductor cannot compile it, or dynamo refuses to recompile it), this call and
+        every later one use the uncompiled arithmetic, which gives the same result."""
         try:
             return _without_modes(getattr(self, which), args)
-        except Exception as e:  # noqa: BLE001 - any compile failure: the uncompiled arithmetic is exact too
+        except Exception as e:  # noqa: BLE001 - any failure of the compiled kernel: the plain arithmetic is exact too
             if not self.compiled:
                 raise
             self.fail(e)
@@ -136,14 +138,16 @@ class _Kernels:
         """Use the uncompiled arithmetic from now on, and say so (once)."""
         self.forward, self.backward = fake_quantize_math, fake_quantize_grad
         self.silu_forward, self.silu_backward = quantized_silu_math, quantized_silu_grad
+        self.weight = _weight_math
         self.compiled = False
         if self._warned:
             return
         self._warned = True
-        warnings.warn(f"qatkit: the fused CPU fake-quant kernel could not be compiled ({type(error).__name__}: "
-                      f"{error}); QAT runs with the slower unfused kernels. Install a C++ compiler (g++) for "
-                      "torch.compile, or set QATKIT_FUSED_FAKE_QUANT=0 to silence this", QatkitWarning, stacklevel=4)
-
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(f"qatkit: the compiled CPU fake-quant kernels failed ({type(error).__name__}: {first_line}); "
+                      "QAT continues with the same arithmetic unfused, which is slower. If torch.compile cannot build "
+                      "C++ kernels here, install a C++ compiler (g++); set QATKIT_FUSED_FAKE_QUANT=0 to use the "
+                      "unfused kernels without this warning", QatkitWarning, stacklevel=4)
 
 
 class _FakeQuantizeCPU(torch.autograd.Function):
