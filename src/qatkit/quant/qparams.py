@@ -71,7 +71,17 @@ def _span_of(lo_t: Tensor, hi_t: Tensor, qmin: int, qmax: int, symmetric: bool) 
 
 def qparams_of(lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
     """:func:`range_to_qparams` for float32 ``lo``/``hi`` of one shape already checked finite: plain tensor ops
-    with no host sync, so that a compiled kernel can trace it (qatkit.quant.kernels' weight path)."""
+    with no host sync, so that a compiled kernel can trace it (qatkit.quant.kernels' weight path).
+
+    Args:
+        lo, hi: the clipping range, float32 tensors of one shape (per tensor: 0-d; per channel: ``[C]``).
+        qmin, qmax, symmetric: the grid, as for :func:`range_to_qparams`.
+
+    Example:
+        >>> scale, zp = qparams_of(torch.tensor([-0.5]), torch.tensor([1.0]), 0, 255, False)
+        >>> f"{scale.item():.4g}", zp.item()
+        ('0.005882', 85)
+    """
     lo_t, hi_t, span, steps = _span_of(lo, hi, qmin, qmax, symmetric)
     scale = _safe_scale(span, steps, scale_floor(qmin, qmax))
     if symmetric:
