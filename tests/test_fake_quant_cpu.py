@@ -202,7 +202,7 @@ def test_fused_weight_path_matches_separate_ops(bits, symmetric):
     w[3] = 0.0  # a dead channel: scale 1.0
     fused_q, plain_q = (FakeQuantizer(scheme, "w", 64, dynamic=True) for _ in range(2))
     wa, fa, wb, fb = (t.clone().requires_grad_() for t in (w, f, w, f))
-    ya = fused_q.quantize_weight(wa, fa)
+    ya = fused_q.quantize_weight(wa * fa.reshape(-1, 1, 1, 1))  # the caller folds BN in (bn_fold)
     yb = plain_q(wb * fb.reshape(-1, 1, 1, 1))
     grad = torch.randn(ya.shape, generator=g)
     ya.backward(grad)

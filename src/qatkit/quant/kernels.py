@@ -70,6 +70,13 @@ def quantized_silu_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Te
     return grad * fake_quantize_math(s, inv_scale, scale, zp, qmin, qmax, False) + through * (1 - s) * s
 
 
+def _unbacked(*tensors: torch.Tensor, dims=(0, 1, 2)) -> None:
+    """No 0/1 specialisation of these sizes in the compiled kernels (so a size of 1 does not compile again)."""
+    for t in tensors:
+        for dim in dims:
+            torch._dynamo.decorators.mark_unbacked(t, dim)
+
+
 def _without_modes(fn, args: tuple):
     """``fn(*args)`` with no torch-function mode active: qatkit's run time calls quantizers inside its own mode,
     which a compiled kernel would otherwise trace into (and guard on, compiling twice)."""
@@ -93,9 +100,7 @@ class _Kernels:
     """
 
     def __init__(self) -> None:
-        self.forward, self.backward = fake_quantize_math, fake_quantize_grad
-        self.silu_forward, self.silu_backward = quantized_silu_math, quantized_silu_grad
-        self.weight = _weight_math
+        self._use(_PLAIN)
         self.compiled = False
         self._warned = False
         self._tried = os.environ.get("QATKIT_FUSED_FAKE_QUANT", "1") == "0"
@@ -112,14 +117,14 @@ class _Kernels:
             return
         self._tried = True
         try:
-            self.forward = torch.compile(fake_quantize_math, dynamic=True, fullgraph=True)
-            self.backward = torch.compile(fake_quantize_grad, dynamic=True, fullgraph=True)
-            self.silu_forward = torch.compile(quantized_silu_math, dynamic=True, fullgraph=True)
-            self.silu_backward = torch.compile(quantized_silu_grad, dynamic=True, fullgraph=True)
-            self.weight = torch.compile(_weight_math, dynamic=True, fullgraph=True)
+            self._use({name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in _PLAIN.items()})
             self.compiled = True
         except Exception as e:  # noqa: BLE001 - any compile failure: the uncompiled arithmetic is exact too
             self.fail(e)
+
+    def _use(self, kernels: dict) -> None:
+        for name, fn in kernels.items():
+            setattr(self, name, fn)
 
     def run(self, which: str, *args) -> torch.Tensor:
         """The ``forward``, ``backward``, ``silu_*`` or ``weight`` kernel on ``args``.
@@ -136,9 +141,7 @@ class _Kernels:
 
     def fail(self, error: Exception) -> None:
         """Use the uncompiled arithmetic from now on, and say so (once)."""
-        self.forward, self.backward = fake_quantize_math, fake_quantize_grad
-        self.silu_forward, self.silu_backward = quantized_silu_math, quantized_silu_grad
-        self.weight = _weight_math
+        self._use(_PLAIN)
         self.compiled = False
         if self._warned:
             return
@@ -169,8 +172,7 @@ class _FakeQuantizeCPU(torch.autograd.Function):
         else:
             flat, shape = x.detach().reshape(math.prod(x.shape[:axis]), x.shape[axis], -1).detach(), (1, -1, 1)
             if KERNELS.compiled:
-                for dim in range(3):
-                    torch._dynamo.decorators.mark_unbacked(flat, dim)
+                _unbacked(flat)
         scale, zp = scale.reshape(shape), zero_point.reshape(shape).to(torch.float32)
         inv = torch.reciprocal(scale)
         overflow = axis is not None and _CAST_OVERFLOW_TO_MIN
@@ -184,9 +186,7 @@ class _FakeQuantizeCPU(torch.autograd.Function):
         flat, inv, zp = ctx.saved_tensors
         g = grad.reshape(flat.shape).detach()
         if KERNELS.compiled and flat.ndim == 3:
-            for dim in range(3):
-                torch._dynamo.decorators.mark_unbacked(g, dim)
-                torch._dynamo.decorators.mark_unbacked(flat, dim)
+            _unbacked(g, flat)
         return KERNELS.run("backward", g, flat, inv, zp, *ctx.grid).view(grad.shape), None, None, None, None, None
 
 
@@ -272,8 +272,7 @@ class _WeightFakeQuantCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, qmin, qmax, symmetric):  # noqa: D401 - torch API
         flat = weight.detach().reshape(1, weight.shape[0], -1).detach()
-        for dim in (1, 2):
-            torch._dynamo.decorators.mark_unbacked(flat, dim)
+        _unbacked(flat, dims=(1, 2))
         y, scale, zp, lo, hi, inv = KERNELS.run("weight", flat, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN)
         ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32))
         ctx.grid = (qmin, qmax, _CAST_OVERFLOW_TO_MIN)
@@ -319,9 +318,9 @@ def _fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None) -> torch.Tensor:
     """Round-and-clip onto the grid with a straight-through gradient, bit for bit PyTorch's fused ops (which run
-    on other devices and small tensors); on a float32 CPU tensor of 8192 elements or more, the compiled kernel of
-    :class:`_FakeQuantizeCPU`; inside ``torch.compile``, on float32 CPU tensors, plain ops that inductor fuses
-    (:class:`_FakeQuantizeTraced`).
+    on other devices and small tensors); on a float32 CPU tensor of 8192 elements or more (16384 per channel), the
+    compiled kernel of :class:`_FakeQuantizeCPU`; inside ``torch.compile``, on float32 CPU tensors, plain ops that
+    inductor fuses (:class:`_FakeQuantizeTraced`).
 
     Example:
         >>> y = fake_quantize(torch.randn(4, 8), torch.tensor(0.1), torch.tensor(0), -128, 127, None)
@@ -335,4 +334,6 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis % x.ndim, qmin, qmax)
 
 
+_PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_forward": quantized_silu_math,
+          "silu_backward": quantized_silu_grad, "weight": _weight_math}  # what _Kernels compiles, by name
 KERNELS = _Kernels()  # compiled at first use

@@ -189,13 +189,18 @@ class FakeQuantizer(nn.Module):
         """
         s = self.scheme
         scale, zp = range_to_qparams(lo, hi, s.qmin, s.qmax, s.symmetric, check_finite=check_finite)
-        self.scale.copy_(scale.reshape(self.scale.shape).float())
-        self.zero_point.copy_(zp.reshape(self.zero_point.shape).int())
-        self.range_lo.copy_(torch.as_tensor(lo).reshape(self.range_lo.shape))
-        self.range_hi.copy_(torch.as_tensor(hi).reshape(self.range_hi.shape))
+        self._store(scale, zp, torch.as_tensor(lo), torch.as_tensor(hi))
         if not self._calibrated:  # dynamic quantizers are calibrated from the start: no write per step
             self.calibrated.fill_(1)
             self._calibrated = True
+
+    @torch.no_grad()
+    def _store(self, scale: torch.Tensor, zp: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Copy qparams and the range behind them into the buffers."""
+        self.scale.copy_(scale.reshape(self.scale.shape).float())
+        self.zero_point.copy_(zp.reshape(self.zero_point.shape).int())
+        self.range_lo.copy_(lo.reshape(self.range_lo.shape))
+        self.range_hi.copy_(hi.reshape(self.range_hi.shape))
 
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor) -> None:
@@ -235,37 +240,26 @@ class FakeQuantizer(nn.Module):
                 lo, hi = torch.aminmax(x)  # one pass, half the time of min() + max()
             self.set_range(lo, hi, check_finite=False)
 
-    def quantize_weight(self, weight: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
-        """This (dynamic) quantizer on ``weight``, each output channel first scaled by ``factor`` when given (the
-        BatchNorm fold, :func:`qatkit.bn_fold.scale_weight`); one compiled kernel on CPU where it applies.
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """This quantizer on a conv/linear ``weight`` (BatchNorm already folded in): for a dynamic per-output-channel
+        quantizer on CPU, range, qparams and fake-quant in one compiled kernel; otherwise :meth:`forward`.
 
         Args:
             weight: a conv/linear weight, output channels on axis 0.
-            factor: per-output-channel scale, or None.
 
         Example:
             >>> wq = FakeQuantizer(QuantScheme(bits=8, signed=True, symmetric=True, per_channel=True), "w", 16,
             ...                    dynamic=True)
-            >>> y = wq.quantize_weight(torch.randn(16, 8, 3, 3), torch.rand(16))
+            >>> y = wq.quantize_weight(torch.randn(16, 8, 3, 3))
         """
         s = self.scheme
         if (self.dynamic and s.per_channel and s.axis % weight.ndim == 0 and s.scale_mode != "learned"
                 and not self.observer_enabled and not torch.onnx.is_in_onnx_export() and self._fake_quant_on):
-            if factor is not None:  # folded eagerly: autograd's reduction for the BN parameters' gradient
-                weight, factor = weight * factor.reshape([-1] + [1] * (weight.ndim - 1)), None
             fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric)
             if fused is not None:
                 y, scale, zp, lo, hi = fused  # (not checked for NaN per step: see set_range)
-                with torch.no_grad():
-                    self.scale.copy_(scale)
-                    self.zero_point.copy_(zp)
-                    self.range_lo.copy_(lo)
-                    self.range_hi.copy_(hi)
+                self._store(scale, zp, lo, hi)
                 return y
-        if factor is not None:
-            shape = [1] * weight.ndim
-            shape[0] = -1
-            weight = weight * factor.reshape(shape)
         return self(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

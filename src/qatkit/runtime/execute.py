@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ..bn_fold import bn_scale, fold, scale_weight, unscale_output
 from ..errors import QatkitError
-from ..bn_fold import bn_scale, fold_bias, unscale_output
 from ..plan import Site
 from ..quant.kernels import quantized_silu
 from ..quant.quantizer import FakeQuantizer, quantize_bias
@@ -180,12 +180,10 @@ class SiteExecutor:
         wq = self.state.q(site.weight)
         if site.fold_bn is not None and self.state.bn_live:
             return self._live_fold(site, wq, func, args, kwargs, bias)
+        weight = args[1]
         if site.fold_bn is not None:
-            bn = self.state.module(site.fold_bn)
-            factor = bn_scale(bn)
-            args[1], bias = wq.quantize_weight(args[1], factor), fold_bias(bias, bn, factor)
-        else:
-            args[1] = wq.quantize_weight(args[1])
+            weight, bias = fold(weight, bias, self.state.module(site.fold_bn))
+        args[1] = wq.quantize_weight(weight)
         if bias is not None and site.bias_from is not None and _quantizing(wq, self.state.q(site.bias_from)):
             bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
         if len(args) > 2:
@@ -199,7 +197,7 @@ class SiteExecutor:
         if torch.compiler.is_compiling() and torch.is_grad_enabled():
             _refuse_live_bn_compile()
         factor = bn_scale(self.state.module(site.fold_bn))
-        args[1] = wq.quantize_weight(args[1], factor)
+        args[1] = wq.quantize_weight(scale_weight(args[1], factor))
         if len(args) > 2:
             args[2] = None
         kwargs.pop("bias", None)

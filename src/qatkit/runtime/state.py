@@ -74,12 +74,6 @@ class QuantState(nn.Module):
         self.bn_frozen.fill_(bool(frozen))
         self._bn_frozen = bool(frozen)
 
-    def sync_flags(self) -> None:
-        """Re-read the mirror of ``bn_frozen`` and of every quantizer's flags (after writing buffers directly)."""
-        self._bn_frozen = bool(self.bn_frozen)
-        for q in self.quantizers.values():
-            q.sync_flags()
-
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         """``load_state_dict``: the mirror follows the loaded ``bn_frozen`` (quantizers re-read their own)."""
         super()._load_from_state_dict(*args, **kwargs)
