@@ -224,3 +224,17 @@ def test_inference_mode_and_channels_last():
     x = torch.randn(4, 16, 32, 32, generator=g).to(memory_format=torch.channels_last)
     assert torch.equal(_fake_quantize_cpu(x, scale, zp, None, 0, 255),
                        torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255))
+
+
+@pytest.mark.parametrize("value", ["false", "off", ""])
+def test_unknown_switch_value_is_an_error(value, monkeypatch):
+    """QATKIT_FUSED_FAKE_QUANT takes 0 or 1; anything else is refused, not read as "on"."""
+    from qatkit.errors import QatkitError
+
+    monkeypatch.setenv("QATKIT_FUSED_FAKE_QUANT", value)
+    with pytest.raises(QatkitError, match="set it to 1 .* or 0"):
+        _Kernels().ensure()
+    monkeypatch.setenv("QATKIT_FUSED_FAKE_QUANT", "0")
+    k = _Kernels()
+    k.ensure()
+    assert not k.compiled

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..errors import QatkitWarning
+from ..errors import QatkitError, QatkitWarning
 from .qparams import qparams_of
 
 _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
@@ -103,7 +103,8 @@ class _Kernels:
         self._use(_PLAIN)
         self.compiled = False
         self._warned = False
-        self._tried = os.environ.get("QATKIT_FUSED_FAKE_QUANT", "1") == "0"
+        self._setting = os.environ.get("QATKIT_FUSED_FAKE_QUANT", "1")
+        self._tried = False
 
     @classmethod
     def uncompiled(cls) -> "_Kernels":
@@ -115,7 +116,12 @@ class _Kernels:
     def ensure(self) -> None:
         if self._tried:
             return
+        if self._setting not in ("0", "1"):
+            raise QatkitError(f"QATKIT_FUSED_FAKE_QUANT={self._setting!r}: set it to 1 (compiled fake-quant kernels, "
+                              "the default) or 0 (the same arithmetic unfused), or unset it")
         self._tried = True
+        if self._setting == "0":
+            return
         try:
             self._use({name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in _PLAIN.items()})
             self.compiled = True
