@@ -189,6 +189,32 @@ def test_fused_silu_matches_separate_ops(path):
     assert quantized_silu(torch.randn(2, 8), scale, zp, 0, 255) is None  # small: the caller runs separate ops
 
 
+@pytest.mark.parametrize("with_input", [False, True])
+def test_fused_silu_with_its_quantizers_equals_the_separate_kernels(path, with_input):
+    """The SiLU output's quantizer (and its input's) applied inside the fused SiLU kernel gives, bit for bit, the
+    input's fake-quant, the fused SiLU and the output's fake-quant run one after the other (output and gradient),
+    including values clipped at both ends of the output grid."""
+    from qatkit.quant.kernels import fake_quantize, quantized_silu
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 16, 24, 24, generator=g) * 4).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    sig = (torch.tensor(1 / 255), torch.tensor(0, dtype=torch.int32), 0, 255)
+    out = (torch.tensor(0.02), torch.tensor(9, dtype=torch.int32), 0, 255)
+    inp = (torch.tensor(0.04), torch.tensor(-3, dtype=torch.int32), -128, 127) if with_input else None
+    y = quantized_silu(x, *sig, out=out, inp=inp)
+    z = fake_quantize(ref, inp[0], inp[1], -128, 127, None) if with_input else ref
+    y_ref = fake_quantize(quantized_silu(z, *sig), out[0], out[1], 0, 255, None)
+    assert y is not None and torch.equal(y, y_ref)
+    assert (y_ref.detach() == out[0] * (255 - 9)).any() and (y_ref.detach() == out[0] * (0 - 9)).any()  # both clips
+    grad = torch.randn(x.shape, generator=g)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(x.grad, ref.grad)
+    assert not with_input or (x.detach().abs() > 5.2).any()  # some inputs beyond the input grid: its mask matters
+    assert quantized_silu(torch.randn(2, 8), *sig, out=out, inp=inp) is None  # small: the caller runs separate ops
+
+
 @pytest.mark.parametrize("bits,symmetric", [(7, True), (8, False)])
 def test_fused_weight_path_matches_separate_ops(bits, symmetric):
     """A conv weight (BatchNorm factor folded in) through the one-kernel weight path: output, gradients of weight

@@ -70,6 +70,40 @@ def quantized_silu_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Te
     return grad * fake_quantize_math(s, inv_scale, scale, zp, qmin, qmax, False) + through * (1 - s) * s
 
 
+def quantized_silu_out_math(x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                            qmin: int, qmax: int, out_inv: torch.Tensor, out_scale: torch.Tensor, out_zp: torch.Tensor,
+                            out_qmin: int, out_qmax: int) -> torch.Tensor:
+    """:func:`quantized_silu_math` and then the SiLU output's own fake-quant, in one pass (per-tensor grids)."""
+    return fake_quantize_math(quantized_silu_math(x, inv_scale, scale, zp, qmin, qmax), out_inv, out_scale, out_zp,
+                              out_qmin, out_qmax, False)
+
+
+def quantized_silu_out_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Tensor,
+                            zp: torch.Tensor, qmin: int, qmax: int, out_inv: torch.Tensor, out_zp: torch.Tensor,
+                            out_qmin: int, out_qmax: int) -> torch.Tensor:
+    """Gradient of :func:`quantized_silu_out_math`: the output's straight-through mask (its codes recomputed from
+    ``x``), then :func:`quantized_silu_grad`."""
+    z = quantized_silu_math(x, inv_scale, scale, zp, qmin, qmax)
+    return quantized_silu_grad(fake_quantize_grad(grad, z, out_inv, out_zp, out_qmin, out_qmax, False), x, inv_scale,
+                               scale, zp, qmin, qmax)
+
+
+def quantized_silu_in_out_math(x: torch.Tensor, in_inv: torch.Tensor, in_scale: torch.Tensor, in_zp: torch.Tensor,
+                               in_qmin: int, in_qmax: int, *silu_out) -> torch.Tensor:
+    """:func:`quantized_silu_out_math` of ``x`` fake-quantized by the SiLU input's quantizer (the quantizer of the
+    conv output it reads), all in one pass; ``silu_out`` are :func:`quantized_silu_out_math`'s grid arguments."""
+    z = fake_quantize_math(x, in_inv, in_scale, in_zp, in_qmin, in_qmax, False)
+    return quantized_silu_out_math(z, *silu_out)
+
+
+def quantized_silu_in_out_grad(grad: torch.Tensor, x: torch.Tensor, in_inv: torch.Tensor, in_scale: torch.Tensor,
+                               in_zp: torch.Tensor, in_qmin: int, in_qmax: int, *silu_out) -> torch.Tensor:
+    """Gradient of :func:`quantized_silu_in_out_math`: :func:`quantized_silu_out_grad` at the quantized input,
+    then the input quantizer's straight-through mask; ``silu_out`` as :func:`quantized_silu_out_grad` takes them."""
+    z = fake_quantize_math(x, in_inv, in_scale, in_zp, in_qmin, in_qmax, False)
+    return fake_quantize_grad(quantized_silu_out_grad(grad, z, *silu_out), x, in_inv, in_zp, in_qmin, in_qmax, False)
+
+
 def _unbacked(*tensors: torch.Tensor, dims=(0, 1, 2)) -> None:
     """No 0/1 specialisation of these sizes in the compiled kernels (so a size of 1 does not compile again)."""
     for t in tensors:
@@ -224,39 +258,64 @@ def _traced(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis
                                      _CAST_OVERFLOW_TO_MIN)
 
 
+def _grid(q: tuple | None) -> tuple:
+    """A per-tensor grid ``(scale, zero_point, qmin, qmax)`` as the kernels take it: ``(1/s, s, zp as float32,
+    qmin, qmax)``."""
+    scale = q[0].reshape(())
+    return torch.reciprocal(scale), scale, q[1].reshape(()).to(torch.float32), q[2], q[3]
+
+
 class _QuantizedSiLU(torch.autograd.Function):
     """``x * fake_quant(sigmoid(x))`` in one pass forward and one backward (the separate ops make four tensors
-    and read them back in backward); per-tensor grid, float32 CPU."""
+    and read them back in backward); with ``out``, the SiLU output's quantizer in the same pass, and with ``inp``
+    as well, the quantizer of the SiLU's input (``out`` and ``inp``: ``(scale, zero_point, qmin, qmax)``).
+    Per-tensor grids, float32 CPU."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax):  # noqa: D401 - torch API
-        flat, scale = x.detach().reshape(-1).detach(), scale.reshape(())
-        inv, zp = torch.reciprocal(scale), zero_point.reshape(()).to(torch.float32)
-        y = KERNELS.run("silu_forward", flat, inv, scale, zp, qmin, qmax)
-        ctx.save_for_backward(flat, inv, scale, zp)
-        ctx.grid = (qmin, qmax)
-        return y.view(x.shape).detach()
+    def forward(ctx, x, sig, out, inp):  # noqa: D401 - torch API
+        flat = x.detach().reshape(-1).detach()
+        grids = [g for g in (inp, sig, out) if g is not None]  # (inp is only given with out)
+        args = [a for g in grids for a in _grid(g)]
+        ctx.kind = ("silu", "silu_out", "silu_in_out")[len(grids) - 1]
+        ctx.grids = args
+        ctx.save_for_backward(flat)
+        return KERNELS.run(f"{ctx.kind}_forward", flat, *args).view(x.shape).detach()
 
     @staticmethod
     def backward(ctx, grad):
-        flat, inv, scale, zp = ctx.saved_tensors
-        g = grad.reshape(-1).detach()
-        return KERNELS.run("silu_backward", g, flat, inv, scale, zp, *ctx.grid).view(grad.shape), None, None, None, None
+        (flat,) = ctx.saved_tensors
+        args = list(ctx.grids)
+        if ctx.kind != "silu":
+            del args[-4]  # the output quantizer's scale: its straight-through mask reads only 1/s
+        dx = KERNELS.run(f"{ctx.kind}_backward", grad.reshape(-1).detach(), flat, *args)
+        return dx.view(grad.shape), None, None, None
 
 
-def quantized_silu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                   qmax: int) -> torch.Tensor | None:
+def quantized_silu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                   out: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+                   inp: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor | None:
     """``x * fake_quantize(sigmoid(x))`` fused, for training on float32 CPU tensors of 8192 elements or more; None
     elsewhere (the caller then runs the separate ops). Forward and gradient equal the separate ops' up to float32
     rounding (the compiled sigmoid may differ from PyTorch's by an ulp).
 
+    Args:
+        x: the SiLU's input.
+        scale, zero_point, qmin, qmax: the sigmoid's per-tensor quantizer.
+        out: the SiLU output's per-tensor quantizer as ``(scale, zero_point, qmin, qmax)``, applied in the same
+            pass (one tensor fewer written and read back, forward and backward); None: the output stays float.
+        inp: with ``out``, the per-tensor quantizer of ``x`` itself (``x`` is then the raw conv output), applied
+            first in the same pass.
+
     Example:
         >>> y = quantized_silu(torch.randn(2, 8, 32, 32), torch.tensor(1 / 255), torch.tensor(0), 0, 255)
+        >>> y = quantized_silu(torch.randn(2, 8, 32, 32), torch.tensor(1 / 255), torch.tensor(0), 0, 255,
+        ...                    out=(torch.tensor(0.02), torch.tensor(14), 0, 255))
     """
-    if not _vectorizable(x, scale) or scale.numel() != 1 or torch.compiler.is_compiling():
+    if (not _vectorizable(x, scale) or scale.numel() != 1 or torch.compiler.is_compiling()
+            or any(g is not None and g[0].numel() != 1 for g in (out, inp)) or (inp is not None and out is None)):
         return None
     KERNELS.ensure()
-    return _QuantizedSiLU.apply(x, scale, zero_point, qmin, qmax)
+    return _QuantizedSiLU.apply(x, (scale, zero_point, qmin, qmax), out, inp)
 
 
 def _weight_math(w: torch.Tensor, qmin: int, qmax: int, symmetric: bool, overflow_to_min: bool):
@@ -341,5 +400,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 _PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_forward": quantized_silu_math,
-          "silu_backward": quantized_silu_grad, "weight": _weight_math}  # what _Kernels compiles, by name
+          "silu_backward": quantized_silu_grad, "silu_out_forward": quantized_silu_out_math,
+          "silu_out_backward": quantized_silu_out_grad, "silu_in_out_forward": quantized_silu_in_out_math,
+          "silu_in_out_backward": quantized_silu_in_out_grad, "weight": _weight_math}  # what _Kernels compiles, by name
 KERNELS = _Kernels()  # compiled at first use
