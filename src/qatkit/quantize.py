@@ -114,6 +114,7 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     state = QuantState(placement.sites, placement.quantizers, recipe_to_dict(recipe), placement.outputs, shapes,
                        placement.float_layers)
     state.known = graph.seen
+    state.silu_reads = placement.silu_reads
     state.functional = graph.fallback is None
     model.add_module("_qatkit", state)
     state.attach(model)

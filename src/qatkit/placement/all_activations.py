@@ -71,6 +71,10 @@ class AllActivations(Policy):
         b.add_output(node)
         if nxt is not node and (node.key, 0) in b.edge_q:
             b.edge_q[(nxt.key, 0)] = b.edge_q[(node.key, 0)]
+        after = self.facts.only_consumer(nxt)
+        if (after is not None and after.kind == "silu" and not b.recipe.silu_to_relu and not self.rules.skipped(after)
+                and (nxt.key, 0) not in self.facts.output_edges and (node.key, 0) in b.edge_q):
+            b.out.silu_reads[node.key] = after.key
 
     def _relu_follows(self, node: Node) -> bool:
         """Whether a ReLU (that the rules quantize) alone reads ``node``'s output; if so, the output is left to it.

@@ -26,6 +26,9 @@ class Placement:
     quantizers: dict[str, FakeQuantizer] = field(default_factory=dict)
     outputs: list[str | None] = field(default_factory=list)  # quantizer of each model output (None: float)
     float_layers: list[str] = field(default_factory=list)  # conv/linear left float on purpose (recipe or rule)
+    # conv site -> the SiLU site that alone reads its output: in training the SiLU's fused kernel may apply the
+    # conv's output quantizer (a run-time shortcut with the same result; not part of the site plan)
+    silu_reads: dict[str, str] = field(default_factory=dict)
 
 
 class PlacementBuilder:

@@ -44,7 +44,7 @@ class FunctionDispatch(TorchFunctionMode):
         frame = stack[-1]
         if frame.leaf:
             site = frame.site  # looked up once by the layer's pre-hook
-            return func(*args, **kwargs) if site is None else hooks.run.layer_op(site, func, args, kwargs)
+            return func(*args, **kwargs) if site is None else hooks.run.layer_op(site, func, args, kwargs, frame.module)
         return self.on_function(func, args, kwargs)
 
     def on_function(self, func: Callable, args, kwargs):

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ..bn_fold import bn_scale, fold, scale_weight, unscale_output
 from ..errors import QatkitError
 from ..plan import Site
+from ..quant import kernels
 from ..quant.kernels import quantized_silu
 from ..quant.quantizer import FakeQuantizer, quantize_bias
 from ..tracing import func_name
@@ -110,6 +111,8 @@ class SiteExecutor:
 
     def __init__(self, state: QuantState) -> None:
         self.state = state
+        self._output_done: torch.Tensor | None = None  # a fused SiLU's output, already through the site's quantizer
+        self._pending: tuple[torch.Tensor, str, str] | None = None  # a conv output, its quantizer, the SiLU site
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it."""
@@ -134,6 +137,9 @@ class SiteExecutor:
 
     def quantize_output(self, site: Site, out):
         """The site's output quantizer; while BN is live, a conv's moves to the output of its BatchNorm."""
+        if out is self._output_done:  # :meth:`silu` applied the output quantizer in its kernel
+            self._output_done = None
+            return out
         key = site.output
         if self.state.bn_live and (site.fold_bn is not None or site.fold_into is not None):
             key = None if site.fold_bn is not None else self.state.sites[site.fold_into].output
@@ -144,13 +150,63 @@ class SiteExecutor:
         return tree_map(lambda t: self.act(key, t) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         else t, out)
 
-    def silu(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        """SiLU as ``x * q(sigmoid(x))``, as the exported graph computes it (fused when training on CPU)."""
+    def defer_output(self, site: Site, out, key: str) -> bool:
+        """Whether conv site ``key`` leaves its output quantizer to the SiLU that alone reads its output
+        (``state.silu_reads``): in training, where that SiLU's fused kernel can apply it in its own pass. The
+        output then goes on raw and :meth:`silu` applies the quantizer (fused or not), so results do not change;
+        :meth:`end_forward` checks that it did. Only with the compiled kernels (``QATKIT_FUSED_FAKE_QUANT=0``: never).
+        """
+        state = self.state
+        if (key not in state.silu_reads or site.output is None or state.tap is not None or state.bn_live
+                or type(out) is not torch.Tensor or not torch.is_grad_enabled() or not out.requires_grad
+                or torch.compiler.is_compiling() or self._grid(site.output) is None):
+            return False
+        kernels.KERNELS.ensure()
+        if not kernels.KERNELS.compiled:
+            return False
+        self._pending = (out, site.output, state.silu_reads[key])
+        return True
+
+    def end_forward(self) -> None:
+        """After the model's forward: a deferred conv output quantizer must have been applied by its SiLU."""
+        pending, self._pending, self._output_done = self._pending, None, None
+        if pending is not None:
+            raise QatkitError(f"qatkit: the output quantizer {pending[1]!r} was left to the SiLU that reads that "
+                              "conv's output, and no SiLU read it in this forward (a path capture did not see); "
+                              "set QATKIT_FUSED_FAKE_QUANT=0 to quantize every output where it is made, and report "
+                              "the model")
+
+    def _grid(self, key: str) -> tuple | None:
+        """Quantizer ``key`` as a fused kernel takes it, ``(scale, zero_point, qmin, qmax)``, where it is only a
+        per-tensor fake-quant with its stored scale (:meth:`FakeQuantizer.plain`); None otherwise."""
+        q = self.state.q(key)
+        if not q.plain() or q.scheme.per_channel:
+            return None
+        return q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax
+
+    def silu(self, site: Site, x: torch.Tensor, returned: bool = False) -> torch.Tensor:
+        """SiLU as ``x * q(sigmoid(x))``, as the exported graph computes it (fused when training on CPU).
+
+        ``returned``: the result is what the site returns (a functional SiLU, or an ``nn.SiLU`` layer), so the
+        fused kernel may apply the site's output quantizer too; :meth:`quantize_output` then passes it through.
+        If ``x`` is a conv output whose quantizer :meth:`defer_output` left to this SiLU, it is applied here first.
+        """
+        in_key, pending = None, self._pending
+        if pending is not None and pending[0] is x and self.state.sites.get(pending[2]) is site:
+            in_key, self._pending = pending[1], None
         q = self.state.q(site.sigmoid)
         if self.state.tap is None and torch.is_grad_enabled() and x.requires_grad and q.plain():
-            y = quantized_silu(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax)
+            out = self._grid(site.output) if returned and site.output is not None else None
+            inp = self._grid(in_key) if in_key is not None and out is not None else None
+            if in_key is not None and inp is None:
+                x, in_key = self.act(in_key, x), None
+            y = quantized_silu(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax, out, inp)
             if y is not None:
+                if out is not None:
+                    self._output_done = y
                 return y
+        if in_key is not None:
+            x = self.act(in_key, x)
         return x * self.act(site.sigmoid, torch.sigmoid(x))
 
     def compute(self, site: Site, func: Callable, args, kwargs):
@@ -160,16 +216,16 @@ class SiteExecutor:
         if site.relu:
             return torch.relu(args[0])
         if site.sigmoid is not None:
-            return self.silu(site, args[0])
+            return self.silu(site, args[0], returned=True)
         return func(*args, **kwargs)
 
-    def layer_op(self, site: Site, func: Callable, args, kwargs):
-        """The one op inside a leaf module: quantized weight/bias, folded BN, decomposed SiLU."""
+    def layer_op(self, site: Site, func: Callable, args, kwargs, module: torch.nn.Module | None = None):
+        """The one op inside a leaf ``module``: quantized weight/bias, folded BN, decomposed SiLU."""
         name = func_name(func)
         if site.identity and name == "batch_norm" and not self.state.bn_live:
             return args[0]
         if site.sigmoid is not None and name == "silu":
-            return self.silu(site, args[0])
+            return self.silu(site, args[0], returned=type(module) is torch.nn.SiLU)
         if site.weight is not None and name in _WEIGHT_OPS:
             return self._weighted(site, func, list(args), kwargs)
         return func(*args, **kwargs)

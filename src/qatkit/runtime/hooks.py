@@ -120,6 +120,7 @@ class ModelHooks:
 
     def _root_pre(self, module: nn.Module, args):
         self.tracker.reset()
+        self.run.end_forward()  # (a forward that raised may have left a deferred quantizer behind: drop it)
         self.tracker.push(module)
         if self.state.recorder is not None:
             self.state.recorder.inputs(args)
@@ -135,6 +136,7 @@ class ModelHooks:
         self._active = False
         self._exit_mode()
         self.tracker.reset()
+        self.run.end_forward()
         if self.state.recorder is not None:
             self.state.recorder.model_outputs(output)
         return output
@@ -178,7 +180,12 @@ class ModelHooks:
                 self._exit_mode()
             site = frame.site
             if site is not None and (site.output is not None or site.fold_into is not None):
-                output = self._quantize_paused(self.run.quantize_output, site, output)
+                prev, self._paused = self._paused, True  # (tensor attributes read here are not model ops)
+                try:
+                    if not (state.silu_reads and self.run.defer_output(site, output, frame.key)):
+                        output = self.run.quantize_output(site, output)
+                finally:
+                    self._paused = prev
             if state.recorder is not None:
                 state.recorder.module_return(frame.key, output)
         return output

@@ -26,6 +26,8 @@ class QuantState(nn.Module):
         state.attach(model)
     """
 
+    silu_reads: dict[str, str] = {}  # (read-only default for states pickled before it existed)
+
     def __init__(self, sites: dict[str, Site] | None = None, quantizers: dict[str, FakeQuantizer] | None = None,
                  recipe: dict | None = None, outputs: list[str | None] | None = None,
                  example_shapes: list[list[int]] | None = None, float_layers: list[str] | None = None) -> None:
@@ -43,6 +45,7 @@ class QuantState(nn.Module):
         self.register_buffer("bn_frozen", torch.tensor(False))
         self._bn_frozen = False  # its Python mirror, what bn_live reads (FakeQuantizer's flags have them too)
         self.functional = True  # False after a capture fallback: module hooks only, no torch-function mode
+        self.silu_reads: dict[str, str] = {}  # conv site -> the SiLU site that alone reads it (Placement.silu_reads)
         self.tap: Callable[[FakeQuantizer, torch.Tensor], torch.Tensor] | None = None
         self._model_hooks: list[ModelHooks] = []
 

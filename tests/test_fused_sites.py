@@ -1,0 +1,104 @@
+"""Run-time fusion of neighbouring quantizers in training: a SiLU's fused kernel also applies its output's quantizer
+and the quantizer of the conv output it alone reads. The plan is unchanged, and so are outputs and gradients."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatkit
+
+
+class Net(nn.Module):
+    """conv-BN-SiLU (module), conv-SiLU (functional), a conv read by a SiLU and a ReLU, a conv-ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU()
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.c4 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.act1(self.bn1(self.c1(x)))
+        y = F.silu(self.c2(y))
+        z = self.c3(y)
+        y = F.silu(z) + F.relu(z)
+        return self.head(F.relu(self.c4(y)))
+
+
+def _quantized() -> nn.Module:
+    torch.manual_seed(0)
+    qm = qatkit.quantize(Net(), "onnxruntime", (torch.rand(1, 3, 32, 32),))
+    qatkit.calibrate(qm, [torch.rand(4, 3, 32, 32) * 2 for _ in range(2)], method="max")
+    return qatkit.freeze(qm, bn=True)
+
+
+def _step(qm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    qm.train()
+    qm.zero_grad(set_to_none=True)
+    out = qm(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in qm.named_parameters()}
+
+
+def test_only_convs_read_by_a_silu_alone_are_marked():
+    state = qatkit.quantization_state(_quantized())
+    assert state.silu_reads == {"c1": "act1", "c2": "/silu#0"}  # c3 is read by a ReLU too; c4 by a ReLU
+
+
+def test_fused_quantizers_give_the_same_outputs_and_gradients_bit_for_bit():
+    """With the conv-output quantizers left to the SiLUs (the default) and without (each applied where the tensor
+    is made), a training step's outputs and every gradient are identical, and the fused kernels did run."""
+    x = torch.rand(2, 3, 32, 32) * 2
+    fused = _quantized()
+    plain = copy.deepcopy(fused)
+    qatkit.quantization_state(plain).silu_reads = {}
+    calls: list[str] = []
+    from qatkit.quant import kernels
+
+    run = kernels.KERNELS.run
+    kernels.KERNELS.run = lambda which, *a: calls.append(which) or run(which, *a)
+    try:
+        out_f, grads_f = _step(fused, x)
+    finally:
+        kernels.KERNELS.run = run
+    out_p, grads_p = _step(plain, x)
+    assert calls.count("silu_in_out_forward") == 2 and calls.count("silu_in_out_backward") == 2
+    assert torch.equal(out_f, out_p)
+    for name, g in grads_f.items():
+        assert torch.equal(g, grads_p[name]), name
+
+
+def test_unfused_run_time_agrees():
+    """The same step with every fusion off (a verify tap makes qatkit run each quantizer on its own): equal up to
+    the compiled sigmoid's last-bit differences."""
+    x = torch.rand(2, 3, 32, 32) * 2
+    fused = _quantized()
+    plain = copy.deepcopy(fused)
+    qatkit.quantization_state(plain).tap = lambda q, y: y
+    out_f, grads_f = _step(fused, x)
+    out_p, grads_p = _step(plain, x)
+    step = max(float(q.scale.max()) for q in qatkit.quantization_state(fused).quantizers.values())
+    assert (out_f - out_p).abs().max() <= step  # a value on a rounding edge may move by one step
+    assert (out_f == out_p).float().mean() > 0.99
+
+
+def test_a_deferred_quantizer_no_silu_applies_is_an_error_not_a_float_tensor(monkeypatch):
+    """If a conv output left to a SiLU reached something else (a path capture did not see), the forward fails and
+    names the switch, rather than letting an unquantized tensor through; with that switch, nothing is deferred."""
+    from qatkit.quant import kernels
+
+    qm = _quantized()
+    state = qatkit.quantization_state(qm)
+    state.silu_reads = {**state.silu_reads, "c2": "act1"}  # c2 is read by the functional SiLU, not act1
+    with pytest.raises(qatkit.QatkitError, match="QATKIT_FUSED_FAKE_QUANT=0"):
+        _step(qm, torch.rand(2, 3, 32, 32))
+    with torch.no_grad():
+        qm.eval()(torch.rand(2, 3, 32, 32))  # inference never defers
+    monkeypatch.setattr(kernels, "KERNELS", kernels._Kernels.uncompiled())  # as with QATKIT_FUSED_FAKE_QUANT=0
+    _step(qm, torch.rand(2, 3, 32, 32))
