@@ -13,6 +13,10 @@ Variants: qatkit ``onnxruntime`` recipe with BatchNorm frozen (qatkit's QAT defa
 placement), BN live and frozen (ModelOpt trains BN unfused, in train mode); ModelOpt ``INT8_DEFAULT_CFG``; torchao
 PT2E QAT (``prepare_qat_pt2e``, X86InductorQuantizer); and ``torch.compile`` of the float model and of qatkit's
 ``onnxruntime`` model (BN frozen).
+
+``--device cuda`` runs the same steps on the GPU (model, batches and calibration data on it; each step's end time is
+read after ``torch.cuda.synchronize()``) and writes its own block (GPU name instead of CPU flags) into the page;
+``--doc ''`` only prints the table.
 """
 from __future__ import annotations
 
@@ -37,7 +41,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from doc_block import write_block  # noqa: E402 - the helpers live beside this script
 from peers import ModelOpt, TorchaoPT2E  # noqa: E402
 
-BEGIN, END = "<!-- step_time:begin -->", "<!-- step_time:end -->"
+MARKERS = {  # device -> (begin, end, heading) of its block in the doc page
+    "cpu": ("<!-- step_time:begin -->", "<!-- step_time:end -->", "## QAT step time (`benchmarks/step_time.py`)"),
+    "cuda": ("<!-- step_time_cuda:begin -->", "<!-- step_time_cuda:end -->",
+             "## QAT step time on a GPU (`benchmarks/step_time.py --device cuda`)"),
+}
 
 
 def demo() -> nn.Module:
@@ -120,8 +128,13 @@ VARIANTS: dict[str, tuple[Callable | None, bool]] = {  # name -> (builder, compi
 
 
 def step_time(model: nn.Module, x: torch.Tensor, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` training steps on ``x``; on a GPU each ends after ``torch.cuda.synchronize()``
+    (the kernels run asynchronously: without it the time is only the time to queue them)."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    sync = torch.cuda.synchronize if x.is_cuda else None
+    if sync:
+        sync()  # nothing queued before the first step is counted in it
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -129,16 +142,20 @@ def step_time(model: nn.Module, x: torch.Tensor, steps: int) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sync:
+            sync()
         times.append(time.perf_counter() - t0)
     return times
 
 
-def measure(case: str, rounds: int, steps: int, variants: list[str]) -> dict[str, float | str]:
+def measure(case: str, rounds: int, steps: int, variants: list[str], device: str = "cpu") -> dict[str, float | str]:
+    """Median step of each variant on ``case``, on ``device`` (the batches are drawn on the CPU, so both devices
+    see the same values); a variant that cannot be built or run gets a "failed: ..." string instead."""
     build_float, batch, size = CASES[case]
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, size, size, generator=g)
-    calib = [torch.rand(batch, 3, size, size, generator=g) for _ in range(2)]
-    float_model = build_float()
+    x = torch.rand(batch, 3, size, size, generator=g).to(device)
+    calib = [torch.rand(batch, 3, size, size, generator=g).to(device) for _ in range(2)]
+    float_model = build_float().to(device)
     models, out = {}, {}
     for name in variants:
         build, _ = VARIANTS[name]
@@ -173,33 +190,53 @@ def table(results: dict[str, dict], variants: list[str]) -> list[str]:
     return lines
 
 
-def write_doc(doc: Path, lines: list[str], command: str) -> None:
+def machine(device: str) -> str:
+    """The machine the figures come from: CPU flags on the CPU, the GPU's name (and TF32 use) on cuda."""
+    if device == "cuda":
+        return (f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, convolutions at fp32 precision "
+                f"'{torch.backends.cudnn.conv.fp32_precision}'), {torch.get_num_threads()} torch CPU thread(s) of "
+                f"{os.cpu_count()} CPUs; torch {torch.__version__}.")
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile")
                      if f in Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else "?"
-    write_block(doc, BEGIN, END, [f"Command: `{command}`. Machine: {platform.machine()}, {torch.get_num_threads()} "
-                                  f"torch thread(s) of {os.cpu_count()} CPUs, CPU flags: {flags}; torch "
-                                  f"{torch.__version__}. Median step; in brackets the ratio to the float step of the "
-                                  "same run (compiled rows: to the compiled float step).", "", *lines],
-                "## QAT step time (`benchmarks/step_time.py`)")
+    return (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} CPUs, "
+            f"CPU flags: {flags}; torch {torch.__version__}.")
+
+
+def write_doc(doc: Path, lines: list[str], command: str, device: str = "cpu") -> None:
+    """Write the table into ``doc`` between ``device``'s markers (appended with its heading where the page has none;
+    a missing page is created)."""
+    begin, end, heading = MARKERS[device]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    write_block(doc, begin, end, [f"Command: `{command}`. {machine(device)} Median step; in brackets the ratio to the "
+                                  "float step of the same run (compiled rows: to the compiled float step).", "",
+                                  *lines], heading)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"),
+                    help="page to write the table into, created if missing ('': only print the table)")
+    ap.add_argument("--device", default="cpu", choices=list(MARKERS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="steps per round (the first of each is dropped)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (0: torch's choice; default 1 on cpu, torch's choice on cuda)")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU "
+                 "(torch.cuda.is_available() is False); run it on a machine with an NVIDIA GPU, or use --device cpu")
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
-    results = {case: measure(case, args.rounds, args.steps, args.variants) for case in args.cases}
+    results = {case: measure(case, args.rounds, args.steps, args.variants, args.device) for case in args.cases}
     lines = table(results, args.variants)
     print("\n".join(lines))
     command = "python " + " ".join(["benchmarks/step_time.py", *sys.argv[1:]])
-    write_doc(Path(args.doc), lines, command)
+    if args.doc:
+        write_doc(Path(args.doc), lines, command, args.device)
     return 0
 
 
