@@ -116,9 +116,21 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
     state.known = graph.seen
     state.silu_reads = placement.silu_reads
     state.functional = graph.fallback is None
+    device = _device_of(model)
+    if device is not None:  # a model already on a GPU: its quantizers' buffers go with it
+        state.to(device)
     model.add_module("_qatkit", state)
     state.attach(model)
     return model
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (or buffer); None for a model that holds no tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
 
 
 def freeze(model: nn.Module, *, bn: bool = True, scales: bool = False) -> nn.Module:
