@@ -7,6 +7,9 @@
 # Parts run one after the other and a failing part does not stop the next. Worst case about 8 minutes: the tests
 # and the step-time table have 240 s each; the compiled step times (last) run only within GPU_CHECK_BUDGET_S
 # (default 450 s) from the start.
+# On a lent machine whose image has torch but no virtual environment (the .venv cannot travel), packages the image
+# lacks travel as files in a carried folder that .git/info/exclude ignores, e.g. ultralytics, faster_coco_eval (a
+# cp312 wheel unpacked) and modelopt in .gpu/site, then: PYTHONPATH=$PWD/.gpu/site OUT=... bash scripts/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.." || exit 1
 : "${OUT:?set OUT to the folder for the results}"
