@@ -215,10 +215,14 @@ def test_fused_silu_with_its_quantizers_equals_the_separate_kernels(path, with_i
     assert quantized_silu(torch.randn(2, 8), *sig, out=out, inp=inp) is None  # small: the caller runs separate ops
 
 
+@pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("bits,symmetric", [(7, True), (8, False)])
-def test_fused_weight_path_matches_separate_ops(bits, symmetric):
-    """A conv weight (BatchNorm factor folded in) through the one-kernel weight path: output, gradients of weight
-    and factor, and the quantizer's scale/zero point/range buffers equal the separate ops' bit for bit."""
+def test_fused_weight_path_matches_separate_ops(bits, symmetric, folded):
+    """A conv weight through the one-kernel weight path, with a BatchNorm factor folded in by the kernel or not:
+    output, weight gradient and the quantizer's scale/zero point/range buffers equal the separate ops' (the fold
+    as bn_fold.scale_weight, then the quantizer) bit for bit; the factor's gradient, a sum per channel, to float32
+    rounding."""
+    from qatkit.bn_fold import scale_weight
     from qatkit.quant.quantizer import FakeQuantizer
     from qatkit.quant.scheme import QuantScheme
 
@@ -228,13 +232,19 @@ def test_fused_weight_path_matches_separate_ops(bits, symmetric):
     w[3] = 0.0  # a dead channel: scale 1.0
     fused_q, plain_q = (FakeQuantizer(scheme, "w", 64, dynamic=True) for _ in range(2))
     wa, fa, wb, fb = (t.clone().requires_grad_() for t in (w, f, w, f))
-    ya = fused_q.quantize_weight(wa * fa.reshape(-1, 1, 1, 1))  # the caller folds BN in (bn_fold)
-    yb = plain_q(wb * fb.reshape(-1, 1, 1, 1))
+    if folded:
+        ya = fused_q.quantize_weight(wa, fa)
+        yb = plain_q(scale_weight(wb, fb))
+    else:
+        ya = fused_q.quantize_weight(wa * fa.reshape(-1, 1, 1, 1))  # folded by the caller
+        yb = plain_q(wb * fb.reshape(-1, 1, 1, 1))
+    assert ya.grad_fn is not None and "WeightFakeQuant" in type(ya.grad_fn).__name__  # the fused path ran
     grad = torch.randn(ya.shape, generator=g)
     ya.backward(grad)
     yb.backward(grad)
     assert torch.equal(_bits(ya), _bits(yb))
-    assert torch.equal(wa.grad, wb.grad) and torch.equal(fa.grad, fb.grad)
+    assert torch.equal(wa.grad, wb.grad)
+    assert torch.allclose(fa.grad, fb.grad, rtol=1e-5, atol=1e-6) and (folded or torch.equal(fa.grad, fb.grad))
     for name in ("scale", "zero_point", "range_lo", "range_hi"):
         assert torch.equal(getattr(fused_q, name), getattr(plain_q, name)), name
 

@@ -30,10 +30,14 @@ def fold(weight: torch.Tensor, bias: torch.Tensor | None,
          bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of the layer with ``bn`` (running statistics) folded in; output channels on axis 0."""
     factor = bn_scale(bn)
+    return scale_weight(weight, factor), fold_bias(bias, bn, factor)
+
+
+def fold_bias(bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm, factor: torch.Tensor) -> torch.Tensor:
+    """The folded layer's bias, ``factor`` being :func:`bn_scale` of ``bn`` (the weight is folded by the caller,
+    e.g. inside the weight quantizer's kernel)."""
     shift = -bn.running_mean * factor + (bn.bias if bn.bias is not None else 0.0)
-    weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
-    bias = shift if bias is None else bias * factor + shift
-    return weight, bias
+    return shift if bias is None else bias * factor + shift
 
 
 def scale_weight(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -330,41 +330,80 @@ def _weight_math(w: torch.Tensor, qmin: int, qmax: int, symmetric: bool, overflo
     return y, scale, zp, lo, hi, inv
 
 
+def _weight_scaled_math(w: torch.Tensor, factor: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+                        overflow_to_min: bool):
+    """:func:`_weight_math` of ``w`` times ``factor`` per output channel (a BatchNorm folded in, in the same pass)."""
+    return _weight_math(w * factor.view(1, -1, 1), qmin, qmax, symmetric, overflow_to_min)
+
+
+def _weight_scaled_grad(grad: torch.Tensor, w: torch.Tensor, factor: torch.Tensor, inv: torch.Tensor,
+                        zp: torch.Tensor, qmin: int, qmax: int, overflow_to_min: bool):
+    """Gradients of :func:`_weight_scaled_math`'s output for ``w`` and ``factor``: the fake-quant's mask at the
+    folded weight, then the product rule (the ``w`` gradient is autograd's bit for bit; ``factor``'s is a sum over
+    each channel, whose order may differ from ATen's in the last bit)."""
+    g = fake_quantize_grad(grad, w * factor.view(1, -1, 1), inv, zp, qmin, qmax, overflow_to_min)
+    return g * factor.view(1, -1, 1), (g * w).sum(dim=(0, 2))
+
+
 class _WeightFakeQuantCPU(torch.autograd.Function):
-    """A dynamic per-channel weight quantizer (range, qparams, fake-quant) in one compiled pass; backward is the
-    fake-quant's, the per-channel kernel of :class:`_FakeQuantizeCPU`."""
+    """A dynamic per-channel weight quantizer (range, qparams, fake-quant) in one compiled pass, with ``factor``
+    (or None) multiplied into each output channel first; backward is the fake-quant's (the per-channel kernel of
+    :class:`_FakeQuantizeCPU`), and with ``factor`` the product rule in the same pass."""
 
     @staticmethod
-    def forward(ctx, weight, qmin, qmax, symmetric):  # noqa: D401 - torch API
+    def forward(ctx, weight, factor, qmin, qmax, symmetric):  # noqa: D401 - torch API
         flat = weight.detach().reshape(1, weight.shape[0], -1).detach()
         _unbacked(flat, dims=(1, 2))
-        y, scale, zp, lo, hi, inv = KERNELS.run("weight", flat, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN)
-        ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32))
+        if factor is None:
+            y, scale, zp, lo, hi, inv = KERNELS.run("weight", flat, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN)
+            ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32))
+        else:
+            f = factor.detach().reshape(-1).detach()
+            _unbacked(f, dims=(0,))
+            y, scale, zp, lo, hi, inv = KERNELS.run("weight_scaled", flat, f, qmin, qmax, symmetric,
+                                                    _CAST_OVERFLOW_TO_MIN)
+            ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32), f)
         ctx.grid = (qmin, qmax, _CAST_OVERFLOW_TO_MIN)
         ctx.mark_non_differentiable(scale, zp, lo, hi)
         return y.view(weight.shape).detach(), scale, zp, lo, hi
 
     @staticmethod
     def backward(ctx, grad, *_):
-        return _FakeQuantizeCPU.backward(ctx, grad)[0], None, None, None
+        if len(ctx.saved_tensors) == 3:
+            return _FakeQuantizeCPU.backward(ctx, grad)[0], None, None, None, None
+        flat, inv, zp, f = ctx.saved_tensors
+        g = grad.reshape(flat.shape).detach()
+        _unbacked(g, flat, dims=(1, 2))
+        _unbacked(f, dims=(0,))
+        gw, gf = KERNELS.run("weight_scaled_backward", g, flat, f, inv, zp, *ctx.grid)
+        return gw.view(grad.shape), gf, None, None, None
 
 
-def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
+def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+                            factor: torch.Tensor | None = None):
     """A dynamic per-output-channel (axis 0) weight quantizer in one compiled kernel (range, qparams and
     fake-quant; PyTorch's ops bit for bit); None where it does not apply (not float32 CPU, small, inside
     torch.compile, or compiling failed): the caller then runs the separate ops. Returns (output shaped like
     ``weight``, scale, zero point, lo, hi).
 
+    Args:
+        weight: a conv/linear weight, output channels on axis 0.
+        qmin, qmax, symmetric: the quantizer's grid.
+        factor: None, or one value per output channel that the weight is multiplied by first, in the same pass (a
+            folded BatchNorm's ``gamma / sqrt(running_var + eps)``); it gets its gradient too.
+
     Example:
         >>> y, scale, zp, lo, hi = fused_weight_fake_quant(torch.randn(64, 32, 3, 3), -64, 63, True)
+        >>> y, *_ = fused_weight_fake_quant(torch.randn(64, 32, 3, 3), -64, 63, True, factor=torch.rand(64) + 0.5)
     """
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < PER_CHANNEL_MIN_NUMEL
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling()
+            or (factor is not None and (factor.dtype != torch.float32 or factor.numel() != weight.shape[0]))):
         return None
     KERNELS.ensure()
     if not KERNELS.compiled:
         return None
-    return _WeightFakeQuantCPU.apply(weight, qmin, qmax, symmetric)
+    return _WeightFakeQuantCPU.apply(weight, factor, qmin, qmax, symmetric)
 
 
 def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -402,5 +441,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 _PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_forward": quantized_silu_math,
           "silu_backward": quantized_silu_grad, "silu_out_forward": quantized_silu_out_math,
           "silu_out_backward": quantized_silu_out_grad, "silu_in_out_forward": quantized_silu_in_out_math,
-          "silu_in_out_backward": quantized_silu_in_out_grad, "weight": _weight_math}  # what _Kernels compiles, by name
+          "silu_in_out_backward": quantized_silu_in_out_grad, "weight": _weight_math,
+          "weight_scaled": _weight_scaled_math,
+          "weight_scaled_backward": _weight_scaled_grad}  # what _Kernels compiles, by name
 KERNELS = _Kernels()  # compiled at first use

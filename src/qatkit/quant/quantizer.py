@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bn_fold import scale_weight
 from ..distributed import reduce_minmax
 from ..errors import DataError, NotCalibratedError
 from .calibrators import Calibrator, make_calibrator
@@ -240,12 +241,14 @@ class FakeQuantizer(nn.Module):
                 lo, hi = torch.aminmax(x)  # one pass, half the time of min() + max()
             self.set_range(lo, hi, check_finite=False)
 
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """This quantizer on a conv/linear ``weight`` (BatchNorm already folded in): for a dynamic per-output-channel
-        quantizer on CPU, range, qparams and fake-quant in one compiled kernel; otherwise :meth:`forward`.
+    def quantize_weight(self, weight: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+        """This quantizer on a conv/linear ``weight`` times ``factor``: for a dynamic per-output-channel quantizer on
+        CPU, the product, range, qparams and fake-quant in one compiled kernel; otherwise :meth:`forward` of
+        :func:`qatkit.bn_fold.scale_weight`'s product.
 
         Args:
             weight: a conv/linear weight, output channels on axis 0.
+            factor: None, or a folded BatchNorm's per-output-channel scale (:func:`qatkit.bn_fold.bn_scale`).
 
         Example:
             >>> wq = FakeQuantizer(QuantScheme(bits=8, signed=True, symmetric=True, per_channel=True), "w", 16,
@@ -255,12 +258,12 @@ class FakeQuantizer(nn.Module):
         s = self.scheme
         if (self.dynamic and s.per_channel and s.axis % weight.ndim == 0 and s.scale_mode != "learned"
                 and not self.observer_enabled and not torch.onnx.is_in_onnx_export() and self._fake_quant_on):
-            fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric)
+            fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric, factor)
             if fused is not None:
                 y, scale, zp, lo, hi = fused  # (not checked for NaN per step: see set_range)
                 self._store(scale, zp, lo, hi)
                 return y
-        return self(weight)
+        return self(weight if factor is None else scale_weight(weight, factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         exporting = torch.onnx.is_in_onnx_export()

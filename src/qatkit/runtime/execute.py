@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..bn_fold import bn_scale, fold, scale_weight, unscale_output
+from ..bn_fold import bn_scale, fold_bias, unscale_output
 from ..errors import QatkitError
 from ..plan import Site
 from ..quant import kernels
@@ -236,10 +236,12 @@ class SiteExecutor:
         wq = self.state.q(site.weight)
         if site.fold_bn is not None and self.state.bn_live:
             return self._live_fold(site, wq, func, args, kwargs, bias)
-        weight = args[1]
-        if site.fold_bn is not None:
-            weight, bias = fold(weight, bias, self.state.module(site.fold_bn))
-        args[1] = wq.quantize_weight(weight)
+        if site.fold_bn is not None:  # the weight is folded inside its quantizer (one pass with the fake-quant)
+            bn = self.state.module(site.fold_bn)
+            factor = bn_scale(bn)
+            args[1], bias = wq.quantize_weight(args[1], factor), fold_bias(bias, bn, factor)
+        else:
+            args[1] = wq.quantize_weight(args[1])
         if bias is not None and site.bias_from is not None and _quantizing(wq, self.state.q(site.bias_from)):
             bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
         if len(args) > 2:
@@ -253,7 +255,7 @@ class SiteExecutor:
         if torch.compiler.is_compiling() and torch.is_grad_enabled():
             _refuse_live_bn_compile()
         factor = bn_scale(self.state.module(site.fold_bn))
-        args[1] = wq.quantize_weight(scale_weight(args[1], factor))
+        args[1] = wq.quantize_weight(args[1], factor)
         if len(args) > 2:
             args[2] = None
         kwargs.pop("bias", None)
