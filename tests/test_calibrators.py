@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qatkit.quant import mse_search
+from qatkit.quant import histogram, kernels, mse_search
 from qatkit.quant.calibrators import (
     CALIBRATORS,
     CalibrationError,
@@ -177,15 +177,59 @@ def test_histogram_growth_matches_single_batch():
         assert g.item() == pytest.approx(o.item(), abs=width)
 
 
-@pytest.mark.parametrize("lo, hi", [(-1.0, 1.0), (0.0, 3.0), (-123.456, 0.001), (1e-7, 1.0000001e-7), (0.0, 1e-30)])
-def test_bin_counts_equal_histc(lo, hi):
-    # values on, just above and just below every float32 bin edge, mid-bin, hi itself, and random ones
-    edges = torch.linspace(lo, hi, 2049)
+@pytest.fixture(params=["compiled", "separate ops", "uncompiled fallback"])
+def binning(request, monkeypatch):
+    """bin_counts' three paths: the compiled kernel (large tensors), the separate ops (small tensors), and the
+    compiled kernel's uncompiled fallback (no C++ compiler)."""
+    kernels.KERNELS.ensure()
+    if request.param == "separate ops":
+        monkeypatch.setattr(histogram, "FUSED_MIN_NUMEL", 1 << 40)
+    elif request.param == "uncompiled fallback":
+        monkeypatch.setattr(kernels, "KERNELS", kernels._Kernels.uncompiled())
+    elif not kernels.KERNELS.compiled:
+        pytest.fail("the compiled kernels did not compile on this machine (is g++ installed?)")
+    return request.param
+
+
+def _edge_values(lo: float, hi: float, bins: int) -> torch.Tensor:
+    """Values on, just above and just below every float32 bin edge, mid-bin, hi itself, and random ones."""
+    edges = torch.linspace(lo, hi, bins + 1)
     up, down = torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)
     spread = torch.rand(50000) * (edges[-1] - edges[0]) + edges[0]
     x = torch.cat([edges, (edges[:-1] + edges[1:]) / 2, up, down, spread])
-    x = x[(x >= edges[0]) & (x <= edges[-1])]
-    assert torch.equal(bin_counts(x, 2048, lo, hi), torch.histc(x, 2048, lo, hi).double())
+    return x[(x >= edges[0]) & (x <= edges[-1])]
+
+
+@pytest.mark.parametrize("lo, hi, bins", [(-1.0, 1.0, 2048), (0.0, 3.0, 2048), (-123.456, 0.001, 2048),
+                                          (1e-7, 1.0000001e-7, 2048), (0.0, 1e-30, 2048), (-0.3, 7.1, 1000),
+                                          (-2.5, 1e-3, 3)])
+def test_bin_counts_equal_histc(lo, hi, bins, binning):
+    x = _edge_values(lo, hi, bins)
+    assert x.numel() > 1 << 15  # large enough for the compiled kernel (histogram.FUSED_MIN_NUMEL)
+    assert torch.equal(bin_counts(x, bins, lo, hi), torch.histc(x, bins, lo, hi).double())
+    if binning == "compiled":
+        assert kernels.KERNELS.compiled  # (a failure would have warned, an error under pytest's filterwarnings)
+
+
+@pytest.mark.parametrize("hi, bins", [(1.0, 2048), (37.25, 1000), (1e-20, 512)])
+def test_bin_counts_of_absolute_values_equal_histc(hi, bins, binning):
+    x = _edge_values(0.0, hi, bins)
+    x = torch.cat([x, -x])  # |x| is binned in the same pass
+    assert torch.equal(bin_counts(x, bins, 0.0, hi, absolute=True), torch.histc(x.abs(), bins, 0.0, hi).double())
+
+
+def test_bin_counts_compile_once():
+    """New sizes, ranges and bin counts are new values for the compiled kernel, not new compiles."""
+    for absolute in (False, True):
+        bin_counts(torch.rand(40000), 2048, 0.0, 1.0, absolute)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for n, bins, lo, hi in [(50000, 2048, -2.0, 3.0), (123457, 512, 0.0, 1.5), (1 << 20, 7, -1.0, 1.0)]:
+            x = torch.rand(n) * (hi - lo) + lo
+            for absolute in (False, True):
+                top = max(-lo, hi) if absolute else hi
+                counts = bin_counts(x, bins, 0.0 if absolute else lo, top, absolute)
+                reference = torch.histc(x.abs() if absolute else x, bins, 0.0 if absolute else lo, top)
+                assert torch.equal(counts, reference.double())
 
 
 def test_percentile_rejects_per_channel():

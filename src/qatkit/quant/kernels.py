@@ -2,6 +2,8 @@
 
 :func:`fake_quantize` is what :class:`qatkit.quant.quantizer.FakeQuantizer` calls; every path gives PyTorch's
 ``fake_quantize_per_{tensor,channel}_affine`` output and gradient bit for bit (tests/test_fake_quant_cpu.py).
+The calibrators' histogram binning (:func:`bin_index_math`, called by :func:`qatkit.quant.histogram.bin_counts`)
+is compiled by the same machinery.
 """
 from __future__ import annotations
 
@@ -70,6 +72,23 @@ def quantized_silu_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Te
     return grad * fake_quantize_math(s, inv_scale, scale, zp, qmin, qmax, False) + through * (1 - s) * s
 
 
+def bin_index_math(x: torch.Tensor, lo_hi: torch.Tensor, bins: int, absolute: bool) -> torch.Tensor:
+    """The ``torch.histc`` bin of each element of ``x`` (``|x|`` if ``absolute``) as int32, for values in [lo, hi].
+
+    histc's CPU arithmetic, one float32 operation at a time in the same order: ``(v - lo) * bins / (hi - lo)``
+    truncated, then ``bins - 1`` for ``v == hi``; ``lo_hi`` holds float32 lo and hi, so that new ranges are new
+    values, not new constants (no recompile). Inductor keeps the division a division (no reciprocal: its C++ is
+    built without unsafe-math flags) and fuses the whole chain into one pass.
+
+    Example:
+        >>> bin_index_math(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.0, 1.0]), 4, False).tolist()
+        [0, 2, 3]
+    """
+    v = x.abs() if absolute else x
+    lo, width = lo_hi[0], lo_hi[1] - lo_hi[0]
+    return v.sub(lo).mul(float(bins)).div(width).to(torch.int32).clamp(max=bins - 1)
+
+
 def _unbacked(*tensors: torch.Tensor, dims=(0, 1, 2)) -> None:
     """No 0/1 specialisation of these sizes in the compiled kernels (so a size of 1 does not compile again)."""
     for t in tensors:
@@ -92,8 +111,9 @@ def _without_modes(fn, args: tuple):
 
 
 class _Kernels:
-    """The fused CPU kernels: :func:`fake_quantize_math` and its backward compiled once by inductor (one pass over
-    the tensor each, vectorized and multi-threaded, where PyTorch's CPU fake-quant kernels are scalar loops).
+    """The fused CPU kernels: :func:`fake_quantize_math` and its backward (and the other functions of ``_PLAIN``)
+    compiled once by inductor (one pass over the tensor each, vectorized and multi-threaded, where PyTorch's CPU
+    fake-quant kernels are scalar loops).
 
     If compiling fails (no C++ compiler, an inductor error), it says so once and the same arithmetic runs as
     separate whole-tensor ops. ``QATKIT_FUSED_FAKE_QUANT=0`` turns the compiled kernels off.
@@ -133,7 +153,7 @@ class _Kernels:
             setattr(self, name, fn)
 
     def run(self, which: str, *args) -> torch.Tensor:
-        """The ``forward``, ``backward``, ``silu_*`` or ``weight`` kernel on ``args``.
+        """The ``forward``, ``backward``, ``silu_*``, ``weight`` or ``bin_index`` kernel on ``args``.
 
         If the compiled kernel fails (inductor cannot compile it, or dynamo refuses to recompile it), this call and
         every later one use the uncompiled arithmetic, which gives the same result."""
@@ -341,5 +361,6 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 _PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_forward": quantized_silu_math,
-          "silu_backward": quantized_silu_grad, "weight": _weight_math}  # what _Kernels compiles, by name
+          "silu_backward": quantized_silu_grad, "weight": _weight_math,
+          "bin_index": bin_index_math}  # what _Kernels compiles, by name
 KERNELS = _Kernels()  # compiled at first use
