@@ -16,6 +16,7 @@ from qatkit.quant.calibrators import (
     make_calibrator,
     range_to_qparams,
 )
+from qatkit.quant.calibration_math import sq_error_terms
 from qatkit.quant.histogram import bin_counts, expected_sq_error
 
 INT8 = {"qmin": -128, "qmax": 127}
@@ -345,9 +346,41 @@ def test_mse_search_equals_brute_force(case, monkeypatch):
         assert pair(lo, hi) == (0.0, 3.0)
         return
     assert (lo.item(), hi.item()) == brute_force_mse_range(c)
-    for block in (512, 1 << 20):  # rows reduce alone: the evaluation block changes nothing
+    # rows reduce alone: neither the uncompiled fallback nor its evaluation block changes anything
+    monkeypatch.setattr(kernels, "KERNELS", kernels._Kernels.uncompiled())
+    for block in (512, 1 << 20):
         monkeypatch.setattr(mse_search, "BLOCK_ELEMS", block)
         assert torch.equal(torch.stack(c.compute_range()), torch.stack([lo, hi]))
+
+
+def _random_grids(g: torch.Generator, edges: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """``k`` candidate grids (step, g_lo, g_hi as [k, 1] float64) over ``edges``: random ones, ones ending exactly
+    on bin edges, tiny steps, grids far inside or beyond the histogram."""
+    span = float(edges[-1] - edges[0])
+    g_lo = edges[0] + torch.rand(k, 1, generator=g, dtype=torch.float64) * span * 0.6 - 0.1 * span
+    g_hi = g_lo + torch.rand(k, 1, generator=g, dtype=torch.float64) * span * 1.2 + 1e-9
+    on_edges = torch.randint(0, edges.numel(), (k // 4, 2), generator=g).sort(dim=1).values
+    g_lo[: k // 4, 0], g_hi[: k // 4, 0] = edges[on_edges[:, 0]], edges[on_edges[:, 1]]
+    steps = torch.tensor([255.0, 15.0, 65535.0, 1e6], dtype=torch.float64)[torch.randint(0, 4, (k, 1), generator=g)]
+    return [((g_hi - g_lo) / steps).clamp(min=1e-12), g_lo, g_hi]
+
+
+def test_compiled_error_terms_equal_separate_ops():
+    """The MSE search's compiled error terms are the separate ops' bit for bit, for any number of candidates and
+    bins, without compiling again."""
+    kernels.KERNELS.ensure()
+    if not kernels.KERNELS.compiled:
+        pytest.fail("the compiled kernels did not compile on this machine (is g++ installed?)")
+    g = torch.Generator().manual_seed(0)
+    cases = [(9, 512, -3.0, 5.0), (256, 512, 0.0, 40.0), (2, 2048, -1e-3, 2e-3), (81, 1000, -700.0, 0.5)]
+    for i, (k, bins, lo, hi) in enumerate(cases):
+        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+        counts = torch.randint(0, 1000, (bins,), generator=g).double() * (torch.rand(bins, generator=g) < 0.7)
+        args = (edges[:-1], edges[1:], histogram.bin_density(edges, counts), *_random_grids(g, edges, k))
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            compiled = kernels.KERNELS.run("sq_error_terms", *args)
+        assert kernels.KERNELS.compiled
+        assert torch.equal(compiled.view(torch.int64), sq_error_terms(*args).view(torch.int64))
 
 
 # ---------------------------------------------------------------- entropy

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..distributed import reduce_minmax
 from . import kernels
+from .calibration_math import bin_index_math, sq_error_terms
 from .qparams import CalibrationError
 
 _GROWTH = 0.25  # histogram range grows by at least this fraction, to bound re-binning
@@ -31,13 +32,13 @@ def bin_counts(vals: Tensor, bins: int, lo: float, hi: float, absolute: bool = F
     ``[lo, hi]``.
 
     On CPU, histc bins each element in a scalar loop with float32 maths, ``int((v - lo) * bins / (hi - lo))`` with
-    lo, hi rounded to float32 and ``v == hi`` in the last bin. :func:`~qatkit.quant.kernels.bin_index_math` does the
-    same IEEE operations in the same order, then a ``bincount`` counts: every element lands in the same bin
-    (tests/test_calibrators.py checks values on and next to every bin edge, compiled and not). Above
-    :data:`FUSED_MIN_NUMEL` elements the chain runs as one compiled pass (qatkit.quant.kernels, 0.3 ns an element
-    here); below, as separate ops in the calling thread, where the compiled kernel's ~20 us call costs more
-    (docs/calibration.md). histc counts in float32, so the two agree while no bin of one call reaches 2**24
-    elements (beyond that bincount's int64 counts stay exact). Other devices keep histc.
+    lo, hi rounded to float32 and ``v == hi`` in the last bin. :func:`~qatkit.quant.calibration_math.bin_index_math`
+    does the same IEEE operations in the same order, then a ``bincount`` counts: every element lands in the same
+    bin (tests/test_calibrators.py checks values on and next to every bin edge, compiled and not). Above
+    :data:`FUSED_MIN_NUMEL` elements the chain runs as one compiled pass (qatkit.quant.kernels); below, as separate
+    ops in the calling thread, where the compiled kernel's ~20 us call costs more (docs/calibration.md). histc
+    counts in float32, so the two agree while no bin of one call reaches 2**24 elements (beyond that bincount's
+    int64 counts stay exact). Other devices keep histc.
 
     Args:
         vals: float32 values, all within ``[lo, hi]`` (after ``abs`` if ``absolute``).
@@ -56,7 +57,7 @@ def bin_counts(vals: Tensor, bins: int, lo: float, hi: float, absolute: bool = F
         kernels.KERNELS.ensure()
         idx = kernels.KERNELS.run("bin_index", flat, lo_hi, bins, absolute)
     else:
-        idx = kernels.bin_index_math(flat, lo_hi, bins, absolute)
+        idx = bin_index_math(flat, lo_hi, bins, absolute)
     return torch.bincount(idx, minlength=bins).to(torch.float64)
 
 
@@ -150,14 +151,6 @@ class Histogram:
         self.min, self.max = (float(v) for v in state["observed_minmax"])
 
 
-def sawtooth_integral(v: Tensor, s: Tensor) -> Tensor:
-    """Antiderivative of the rounding error squared, (v - s*round(v/s))^2, in v."""
-    u = v / s + 0.5
-    n = torch.floor(u)
-    r = u - n
-    return s ** 3 * (n / 12.0 + ((r - 0.5) ** 3 + 0.125) / 3.0)
-
-
 def expected_sq_error(edges: Tensor, counts: Tensor, scale: Tensor, g_lo: Tensor, g_hi: Tensor) -> Tensor:
     """Mean squared fake-quant error of the histogram for each candidate grid.
 
@@ -166,11 +159,10 @@ def expected_sq_error(edges: Tensor, counts: Tensor, scale: Tensor, g_lo: Tensor
     bin and the error is integrated exactly: rounding error between g_lo and g_hi,
     clipping error ``(v - g)^2`` outside.  Returns [K].
     """
-    a, b = edges[:-1], edges[1:]
-    density = counts / (b - a).clamp(min=1e-300)
-    la, lb = torch.minimum(a, g_lo), torch.minimum(b, g_lo)
-    ha, hb = torch.maximum(a, g_hi), torch.maximum(b, g_hi)
-    ma, mb = torch.maximum(torch.minimum(a, g_hi), g_lo), torch.maximum(torch.minimum(b, g_hi), g_lo)
-    integral = (((lb - g_lo) ** 3 - (la - g_lo) ** 3) + ((hb - g_hi) ** 3 - (ha - g_hi) ** 3)) / 3.0
-    integral = integral + sawtooth_integral(mb, scale) - sawtooth_integral(ma, scale)
-    return (integral * density).sum(dim=1) / counts.sum().clamp(min=1.0)
+    terms = sq_error_terms(edges[:-1], edges[1:], bin_density(edges, counts), scale, g_lo, g_hi)
+    return terms.sum(dim=1) / counts.sum().clamp(min=1.0)
+
+
+def bin_density(edges: Tensor, counts: Tensor) -> Tensor:
+    """Count per unit length of each bin (0 for an empty bin, also of zero width)."""
+    return counts / (edges[1:] - edges[:-1]).clamp(min=1e-300)

@@ -2,8 +2,8 @@
 
 :func:`fake_quantize` is what :class:`qatkit.quant.quantizer.FakeQuantizer` calls; every path gives PyTorch's
 ``fake_quantize_per_{tensor,channel}_affine`` output and gradient bit for bit (tests/test_fake_quant_cpu.py).
-The calibrators' histogram binning (:func:`bin_index_math`, called by :func:`qatkit.quant.histogram.bin_counts`)
-is compiled by the same machinery.
+The calibrators' elementwise arithmetic (:mod:`qatkit.quant.calibration_math`: histogram binning, the MSE
+search's error terms) is compiled by the same machinery.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from ..errors import QatkitError, QatkitWarning
+from .calibration_math import bin_index_math, sq_error_terms
 from .qparams import qparams_of
 
 _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
@@ -70,23 +71,6 @@ def quantized_silu_grad(grad: torch.Tensor, x: torch.Tensor, inv_scale: torch.Te
     q = _codes(s, inv_scale, zp, False)
     through = (grad * x) * ((q >= qmin) & (q <= qmax))
     return grad * fake_quantize_math(s, inv_scale, scale, zp, qmin, qmax, False) + through * (1 - s) * s
-
-
-def bin_index_math(x: torch.Tensor, lo_hi: torch.Tensor, bins: int, absolute: bool) -> torch.Tensor:
-    """The ``torch.histc`` bin of each element of ``x`` (``|x|`` if ``absolute``) as int32, for values in [lo, hi].
-
-    histc's CPU arithmetic, one float32 operation at a time in the same order: ``(v - lo) * bins / (hi - lo)``
-    truncated, then ``bins - 1`` for ``v == hi``; ``lo_hi`` holds float32 lo and hi, so that new ranges are new
-    values, not new constants (no recompile). Inductor keeps the division a division (no reciprocal: its C++ is
-    built without unsafe-math flags) and fuses the whole chain into one pass.
-
-    Example:
-        >>> bin_index_math(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.0, 1.0]), 4, False).tolist()
-        [0, 2, 3]
-    """
-    v = x.abs() if absolute else x
-    lo, width = lo_hi[0], lo_hi[1] - lo_hi[0]
-    return v.sub(lo).mul(float(bins)).div(width).to(torch.int32).clamp(max=bins - 1)
 
 
 def _unbacked(*tensors: torch.Tensor, dims=(0, 1, 2)) -> None:
@@ -153,7 +137,8 @@ class _Kernels:
             setattr(self, name, fn)
 
     def run(self, which: str, *args) -> torch.Tensor:
-        """The ``forward``, ``backward``, ``silu_*``, ``weight`` or ``bin_index`` kernel on ``args``.
+        """The kernel ``which`` (a name of ``_PLAIN``: ``forward``, ``backward``, ``silu_*``, ``weight``, ``bin_index``,
+        ``sq_error_terms``) on ``args``.
 
         If the compiled kernel fails (inductor cannot compile it, or dynamo refuses to recompile it), this call and
         every later one use the uncompiled arithmetic, which gives the same result."""
@@ -362,5 +347,5 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 _PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_forward": quantized_silu_math,
           "silu_backward": quantized_silu_grad, "weight": _weight_math,
-          "bin_index": bin_index_math}  # what _Kernels compiles, by name
+          "bin_index": bin_index_math, "sq_error_terms": sq_error_terms}  # what _Kernels compiles, by name
 KERNELS = _Kernels()  # compiled at first use
