@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..distributed import reduce_minmax
+from ..distributed import reduce_minmax, world_size
 from . import kernels
 from .calibration_math import bin_index_math, sq_error_terms
 from .qparams import CalibrationError
@@ -61,6 +61,13 @@ def bin_counts(vals: Tensor, bins: int, lo: float, hi: float, absolute: bool = F
     return torch.bincount(idx, minlength=bins).to(torch.float64)
 
 
+def _all_ranks(extremes: Tensor) -> list[float]:
+    """``[min, max]`` over all ranks (:func:`qatkit.distributed.reduce_minmax`) as floats: one host sync."""
+    if world_size() > 1:
+        extremes = torch.stack(reduce_minmax(extremes[0], extremes[1]))
+    return extremes.tolist()
+
+
 class Histogram:
     """Fixed-bin histogram over ``[lo, hi]`` whose range grows when new data exceeds it.
 
@@ -80,9 +87,7 @@ class Histogram:
 
     def add(self, x: Tensor, extremes: Tensor | None = None) -> None:
         """Count ``x``; ``extremes`` = ``[min, max]`` of this rank's ``x`` when the caller has them already."""
-        local = torch.aminmax(x) if extremes is None else (extremes[0], extremes[1])
-        # over all ranks (qatkit.distributed), then one host sync for both
-        bmin, bmax = torch.stack(reduce_minmax(*local)).tolist()
+        bmin, bmax = _all_ranks(torch.stack(torch.aminmax(x)) if extremes is None else extremes)
         need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
         if self.counts is None:
             self.counts = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
