@@ -169,5 +169,14 @@ def expected_sq_error(edges: Tensor, counts: Tensor, scale: Tensor, g_lo: Tensor
 
 
 def bin_density(edges: Tensor, counts: Tensor) -> Tensor:
-    """Count per unit length of each bin (0 for an empty bin, also of zero width)."""
+    """Count per unit length of each bin (0 for an empty bin, also of zero width).
+
+    Args:
+        edges: ``[B + 1]`` bin edges, increasing.
+        counts: ``[B]`` counts.
+
+    Example:
+        >>> bin_density(torch.tensor([0.0, 0.5, 2.0]), torch.tensor([1.0, 3.0])).tolist()
+        [2.0, 2.0]
+    """
     return counts / (edges[1:] - edges[:-1]).clamp(min=1e-300)
