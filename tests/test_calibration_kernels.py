@@ -58,8 +58,9 @@ def test_bin_counts_compile_once():
     for absolute in (False, True):
         bin_counts(torch.rand(40000), 2048, 0.0, 1.0, absolute)
     with torch.compiler.set_stance("fail_on_recompile"):
-        for n, bins, lo, hi in [(50000, 2048, -2.0, 3.0), (123457, 512, 0.0, 1.5), (1 << 20, 7, -1.0, 1.0)]:
-            x = torch.rand(n) * (hi - lo) + lo
+        for shape, bins, lo, hi in [((50000,), 2048, -2.0, 3.0), ((7, 3, 43, 41), 512, 0.0, 1.5),
+                                    ((2, 16, 1 << 15), 7, -1.0, 1.0), ((4, 8, 40, 40), 2048, -3.0, 0.5)]:
+            x = torch.rand(shape) * (hi - lo) + lo  # activations of any rank and shape
             for absolute in (False, True):
                 top = max(-lo, hi) if absolute else hi
                 counts = bin_counts(x, bins, 0.0 if absolute else lo, top, absolute)

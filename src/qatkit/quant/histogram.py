@@ -52,7 +52,8 @@ def bin_counts(vals: Tensor, bins: int, lo: float, hi: float, absolute: bool = F
     """
     if vals.device.type != "cpu":
         return torch.histc(vals.abs() if absolute else vals, bins, lo, hi).to(torch.float64)
-    flat, lo_hi = vals.reshape(-1), torch.tensor([lo, hi], dtype=torch.float32)
+    # detached: not a view, so the compiled kernel guards on no base tensor's shape (a 4-d base would recompile)
+    flat, lo_hi = vals.detach().reshape(-1).detach(), torch.tensor([lo, hi], dtype=torch.float32)
     if flat.numel() > FUSED_MIN_NUMEL and flat.dtype == torch.float32:
         kernels.KERNELS.ensure()
         idx = kernels.KERNELS.run("bin_index", flat, lo_hi, bins, absolute)

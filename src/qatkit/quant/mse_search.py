@@ -77,8 +77,8 @@ def _error_terms(edges: Tensor, counts: Tensor, s: Tensor, g_lo: Tensor, g_hi: T
     a, b, density = edges[:-1], edges[1:], bin_density(edges, counts)
     if edges.device.type == "cpu":
         kernels.KERNELS.ensure()
-        if kernels.KERNELS.compiled:
-            return kernels.KERNELS.run("sq_error_terms", a, b, density, s, g_lo, g_hi)
+        if kernels.KERNELS.compiled:  # (detached: no views, so no guards on their bases' shapes)
+            return kernels.KERNELS.run("sq_error_terms", *(t.detach() for t in (a, b, density, s, g_lo, g_hi)))
     rows = max(BLOCK_ELEMS // counts.numel(), 1)
     return torch.cat([sq_error_terms(a, b, density, s[k:k + rows], g_lo[k:k + rows], g_hi[k:k + rows])
                       for k in range(0, s.shape[0], rows)])
