@@ -68,19 +68,20 @@ def argmin_error(lo: Tensor, hi: Tensor, edges: Tensor, counts: Tensor, qmin: in
     scale, zp = range_to_qparams(lo, hi, qmin, qmax, symmetric)
     s, zp = scale.double()[:, None], zp.double()[:, None]
     g_lo, g_hi = (qmin - zp) * s, (qmax - zp) * s
-    return int(torch.argmin(_error_terms(edges, counts, s, g_lo, g_hi).sum(dim=1) / counts.sum().clamp(min=1.0)))
+    return int(torch.argmin(_row_sums(edges, counts, s, g_lo, g_hi) / counts.sum().clamp(min=1.0)))
 
 
-def _error_terms(edges: Tensor, counts: Tensor, s: Tensor, g_lo: Tensor, g_hi: Tensor) -> Tensor:
-    """:func:`~qatkit.quant.calibration_math.sq_error_terms` of every candidate row: one compiled pass on CPU, else
-    separate ops in cache-sized blocks of rows (see the module docstring)."""
+def _row_sums(edges: Tensor, counts: Tensor, s: Tensor, g_lo: Tensor, g_hi: Tensor) -> Tensor:
+    """Each candidate row's sum of :func:`~qatkit.quant.calibration_math.sq_error_terms`: on CPU one compiled pass
+    over all rows, else separate ops and a sum per cache-sized block of rows (see the module docstring; the blocks
+    are the earlier code's, so other devices sum exactly as before)."""
     a, b, density = edges[:-1], edges[1:], bin_density(edges, counts)
     if edges.device.type == "cpu":
         kernels.KERNELS.ensure()
         if kernels.KERNELS.compiled:  # (detached: no views, so no guards on their bases' shapes)
-            return kernels.KERNELS.run("sq_error_terms", *(t.detach() for t in (a, b, density, s, g_lo, g_hi)))
+            return kernels.KERNELS.run("sq_error_terms", *(t.detach() for t in (a, b, density, s, g_lo, g_hi))).sum(1)
     rows = max(BLOCK_ELEMS // counts.numel(), 1)
-    return torch.cat([sq_error_terms(a, b, density, s[k:k + rows], g_lo[k:k + rows], g_hi[k:k + rows])
+    return torch.cat([sq_error_terms(a, b, density, s[k:k + rows], g_lo[k:k + rows], g_hi[k:k + rows]).sum(dim=1)
                       for k in range(0, s.shape[0], rows)])
 
 
