@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..distributed import reduce_minmax
+from ..distributed import reduce_minmax, world_size
+from . import kernels
+from .calibration_math import bin_index_math, sq_error_terms
 from .qparams import CalibrationError
 
 _GROWTH = 0.25  # histogram range grows by at least this fraction, to bound re-binning
@@ -22,21 +24,49 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return fp[idx - 1] + t * (fp[idx] - fp[idx - 1])
 
 
-def bin_counts(vals: Tensor, bins: int, lo: float, hi: float) -> Tensor:
-    """``torch.histc(vals, bins, lo, hi)`` as float64, for float32 ``vals`` within ``[lo, hi]``.
+FUSED_MIN_NUMEL = 1 << 15  # torch's parallel grain: above it the compiled binning beats the eager ops (see below)
+
+
+def bin_counts(vals: Tensor, bins: int, lo: float, hi: float, absolute: bool = False) -> Tensor:
+    """``torch.histc(vals, bins, lo, hi)`` as float64 (of ``|vals|`` if ``absolute``), for float32 ``vals`` within
+    ``[lo, hi]``.
 
     On CPU, histc bins each element in a scalar loop with float32 maths, ``int((v - lo) * bins / (hi - lo))`` with
-    lo, hi rounded to float32 and ``v == hi`` in the last bin. The same IEEE operations vectorised, then a bincount,
-    put every element in the same bin in about a third of the CPU time (docs/calibration.md; tests/test_calibrators.py
-    checks values on and next to every bin edge). histc counts in float32, so the two agree while no bin of one
-    call reaches 2**24 elements (beyond that bincount's int64 counts stay exact). Other devices keep histc.
+    lo, hi rounded to float32 and ``v == hi`` in the last bin. :func:`~qatkit.quant.calibration_math.bin_index_math`
+    does the same IEEE operations in the same order, then a ``bincount`` counts: every element lands in the same
+    bin (tests/test_calibrators.py checks values on and next to every bin edge, compiled and not). Above
+    :data:`FUSED_MIN_NUMEL` elements the chain runs as one compiled pass (qatkit.quant.kernels); below, as separate
+    ops in the calling thread, where the compiled kernel's ~20 us call costs more (docs/calibration.md). histc
+    counts in float32, so the two agree while no bin of one call reaches 2**24 elements (beyond that bincount's
+    int64 counts stay exact). Other devices keep histc.
+
+    Args:
+        vals: float32 values, all within ``[lo, hi]`` (after ``abs`` if ``absolute``).
+        bins: number of equal-width bins over ``[lo, hi]``.
+        lo, hi: the histogram range (rounded to float32, as histc does).
+        absolute: count ``|vals|``.
+
+    Example:
+        >>> bin_counts(torch.tensor([0.0, 0.3, 1.0]), 2, 0.0, 1.0).tolist()
+        [2.0, 1.0]
     """
     if vals.device.type != "cpu":
-        return torch.histc(vals, bins, lo, hi).to(torch.float64)
-    lo32, hi32 = torch.tensor([lo, hi], dtype=torch.float32).tolist()
-    width = float(torch.tensor(hi32, dtype=torch.float32) - torch.tensor(lo32, dtype=torch.float32))
-    idx = vals.sub(lo32).mul_(float(bins)).div_(width).to(torch.int32).clamp_(max=bins - 1)
+        return torch.histc(vals.abs() if absolute else vals, bins, lo, hi).to(torch.float64)
+    # detached: not a view, so the compiled kernel guards on no base tensor's shape (a 4-d base would recompile)
+    flat, lo_hi = vals.detach().reshape(-1).detach(), torch.tensor([lo, hi], dtype=torch.float32)
+    if flat.numel() > FUSED_MIN_NUMEL and flat.dtype == torch.float32:
+        kernels.KERNELS.ensure()
+        idx = kernels.KERNELS.run("bin_index", flat, lo_hi, bins, absolute)
+    else:
+        idx = bin_index_math(flat, lo_hi, bins, absolute)
     return torch.bincount(idx, minlength=bins).to(torch.float64)
+
+
+def _all_ranks(extremes: Tensor) -> list[float]:
+    """``[min, max]`` over all ranks (:func:`qatkit.distributed.reduce_minmax`) as floats: one host sync."""
+    if world_size() > 1:
+        extremes = torch.stack(reduce_minmax(extremes[0], extremes[1]))
+    return extremes.tolist()
 
 
 class Histogram:
@@ -58,10 +88,7 @@ class Histogram:
 
     def add(self, x: Tensor, extremes: Tensor | None = None) -> None:
         """Count ``x``; ``extremes`` = ``[min, max]`` of this rank's ``x`` when the caller has them already."""
-        local = torch.aminmax(x) if extremes is None else (extremes[0], extremes[1])
-        # over all ranks (qatkit.distributed), then one host sync for both
-        bmin, bmax = torch.stack(reduce_minmax(*local)).tolist()
-        vals = x.abs() if self.absolute else x
+        bmin, bmax = _all_ranks(torch.stack(torch.aminmax(x)) if extremes is None else extremes)
         need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
         if self.counts is None:
             self.counts = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
@@ -74,9 +101,9 @@ class Histogram:
                 new_lo = self.lo if need_lo >= self.lo else min(need_lo, self.lo - _GROWTH * width)
                 self._rebin(new_lo, new_hi)
         if self.hi <= self.lo:  # degenerate range: every value equals lo
-            self.counts[0] += vals.numel()
+            self.counts[0] += x.numel()
             return
-        self.counts += bin_counts(vals.float().reshape(-1), self.bins, self.lo, self.hi)
+        self.counts += bin_counts(x.float(), self.bins, self.lo, self.hi, self.absolute)
 
     def _require(self) -> Tensor:
         if self.counts is None:
@@ -130,14 +157,6 @@ class Histogram:
         self.min, self.max = (float(v) for v in state["observed_minmax"])
 
 
-def sawtooth_integral(v: Tensor, s: Tensor) -> Tensor:
-    """Antiderivative of the rounding error squared, (v - s*round(v/s))^2, in v."""
-    u = v / s + 0.5
-    n = torch.floor(u)
-    r = u - n
-    return s ** 3 * (n / 12.0 + ((r - 0.5) ** 3 + 0.125) / 3.0)
-
-
 def expected_sq_error(edges: Tensor, counts: Tensor, scale: Tensor, g_lo: Tensor, g_hi: Tensor) -> Tensor:
     """Mean squared fake-quant error of the histogram for each candidate grid.
 
@@ -146,11 +165,19 @@ def expected_sq_error(edges: Tensor, counts: Tensor, scale: Tensor, g_lo: Tensor
     bin and the error is integrated exactly: rounding error between g_lo and g_hi,
     clipping error ``(v - g)^2`` outside.  Returns [K].
     """
-    a, b = edges[:-1], edges[1:]
-    density = counts / (b - a).clamp(min=1e-300)
-    la, lb = torch.minimum(a, g_lo), torch.minimum(b, g_lo)
-    ha, hb = torch.maximum(a, g_hi), torch.maximum(b, g_hi)
-    ma, mb = torch.maximum(torch.minimum(a, g_hi), g_lo), torch.maximum(torch.minimum(b, g_hi), g_lo)
-    integral = (((lb - g_lo) ** 3 - (la - g_lo) ** 3) + ((hb - g_hi) ** 3 - (ha - g_hi) ** 3)) / 3.0
-    integral = integral + sawtooth_integral(mb, scale) - sawtooth_integral(ma, scale)
-    return (integral * density).sum(dim=1) / counts.sum().clamp(min=1.0)
+    terms = sq_error_terms(edges[:-1], edges[1:], bin_density(edges, counts), scale, g_lo, g_hi)
+    return terms.sum(dim=1) / counts.sum().clamp(min=1.0)
+
+
+def bin_density(edges: Tensor, counts: Tensor) -> Tensor:
+    """Count per unit length of each bin (0 for an empty bin, also of zero width).
+
+    Args:
+        edges: ``[B + 1]`` bin edges, increasing.
+        counts: ``[B]`` counts.
+
+    Example:
+        >>> bin_density(torch.tensor([0.0, 0.5, 2.0]), torch.tensor([1.0, 3.0])).tolist()
+        [2.0, 2.0]
+    """
+    return counts / (edges[1:] - edges[:-1]).clamp(min=1e-300)

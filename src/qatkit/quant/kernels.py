@@ -2,6 +2,8 @@
 
 :func:`fake_quantize` is what :class:`qatkit.quant.quantizer.FakeQuantizer` calls; every path gives PyTorch's
 ``fake_quantize_per_{tensor,channel}_affine`` output and gradient bit for bit (tests/test_fake_quant_cpu.py).
+The calibrators' elementwise arithmetic (:mod:`qatkit.quant.calibration_math`: histogram binning, the MSE
+search's error terms) is compiled by the same machinery.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import warnings
 import torch
 
 from ..errors import QatkitError, QatkitWarning
+from .calibration_math import bin_index_math, sq_error_terms
 from .qparams import qparams_of
 
 _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
@@ -126,8 +129,9 @@ def _without_modes(fn, args: tuple):
 
 
 class _Kernels:
-    """The fused CPU kernels: :func:`fake_quantize_math` and its backward compiled once by inductor (one pass over
-    the tensor each, vectorized and multi-threaded, where PyTorch's CPU fake-quant kernels are scalar loops).
+    """The fused CPU kernels: :func:`fake_quantize_math` and its backward (and the other functions of ``_PLAIN``)
+    compiled once by inductor (one pass over the tensor each, vectorized and multi-threaded, where PyTorch's CPU
+    fake-quant kernels are scalar loops).
 
     If compiling fails (no C++ compiler, an inductor error), it says so once and the same arithmetic runs as
     separate whole-tensor ops. ``QATKIT_FUSED_FAKE_QUANT=0`` turns the compiled kernels off.
@@ -167,7 +171,8 @@ class _Kernels:
             setattr(self, name, fn)
 
     def run(self, which: str, *args) -> torch.Tensor:
-        """The ``forward``, ``backward``, ``silu_*`` or ``weight`` kernel on ``args``.
+        """The kernel ``which`` (a name of ``_PLAIN``: ``forward``, ``backward``, ``silu_*``, ``weight``, ``bin_index``,
+        ``sq_error_terms``) on ``args``.
 
         If the compiled kernel fails (inductor cannot compile it, or dynamo refuses to recompile it), this call and
         every later one use the uncompiled arithmetic, which gives the same result."""
@@ -442,6 +447,6 @@ _PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_f
           "silu_backward": quantized_silu_grad, "silu_out_forward": quantized_silu_out_math,
           "silu_out_backward": quantized_silu_out_grad, "silu_in_out_forward": quantized_silu_in_out_math,
           "silu_in_out_backward": quantized_silu_in_out_grad, "weight": _weight_math,
-          "weight_scaled": _weight_scaled_math,
-          "weight_scaled_backward": _weight_scaled_grad}  # what _Kernels compiles, by name
+          "weight_scaled": _weight_scaled_math, "weight_scaled_backward": _weight_scaled_grad,
+          "bin_index": bin_index_math, "sq_error_terms": sq_error_terms}  # what _Kernels compiles, by name
 KERNELS = _Kernels()  # compiled at first use
