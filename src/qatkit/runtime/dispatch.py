@@ -44,7 +44,11 @@ class FunctionDispatch(TorchFunctionMode):
         frame = stack[-1]
         if frame.leaf:
             site = frame.site  # looked up once by the layer's pre-hook
-            return func(*args, **kwargs) if site is None else hooks.run.layer_op(site, func, args, kwargs, frame.module)
+            if site is None:
+                if hooks.run._raw:
+                    args, kwargs = hooks.run.unraw(func, args, kwargs)
+                return func(*args, **kwargs)
+            return hooks.run.layer_op(site, func, args, kwargs, frame.module)
         return self.on_function(func, args, kwargs)
 
     def on_function(self, func: Callable, args, kwargs):
@@ -58,6 +62,9 @@ class FunctionDispatch(TorchFunctionMode):
         key = hooks.tracker.op_key(func)
         hooks.check_seen(key)
         site = state.sites.get(key)
+        if run._raw:  # a conv output left raw reaches its SiLU as it is, any other op quantized (execute.py)
+            silu = site is not None and site.sigmoid is not None and not site.relu and not site.inputs
+            args, kwargs = run.unraw(func, args, kwargs, silu)
         if site is None:
             out = func(*args, **kwargs)
         else:

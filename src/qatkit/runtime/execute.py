@@ -99,6 +99,32 @@ def _refuse_live_bn_compile() -> None:
     raise QatkitError(LIVE_BN_COMPILE)
 
 
+_METADATA_CALLS = frozenset({"dim", "size", "numel", "nelement", "ndimension", "stride", "is_floating_point",
+                             "is_complex", "is_contiguous", "element_size", "get_device", "__len__"})
+_METADATA_PROPERTIES = frozenset({"shape", "dtype", "device", "requires_grad", "ndim", "layout", "is_cuda", "is_cpu",
+                                  "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_meta", "names"})
+
+
+def _metadata_only(func: Callable) -> bool:
+    """Whether a call reads only a tensor's metadata (its shape, dtype, device...), never its values."""
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA_PROPERTIES
+    return name in _METADATA_CALLS
+
+
+class _Deferred:
+    """A conv output that :meth:`SiteExecutor.defer_output` left raw: its quantizer, the SiLU site that applies it,
+    whether that SiLU has, and the quantized value made for any other reader."""
+
+    __slots__ = ("raw", "key", "silu", "consumed", "quantized")
+
+    def __init__(self, raw: torch.Tensor, key: str, silu: Site | None) -> None:
+        self.raw, self.key, self.silu = raw, key, silu
+        self.consumed = False
+        self.quantized: torch.Tensor | None = None
+
+
 class SiteExecutor:
     """Applies sites of ``state``'s plan with ``state``'s quantizers; no knowledge of hooks or call tracking.
 
@@ -112,7 +138,7 @@ class SiteExecutor:
     def __init__(self, state: QuantState) -> None:
         self.state = state
         self._output_done: torch.Tensor | None = None  # a fused SiLU's output, already through the site's quantizer
-        self._pending: tuple[torch.Tensor, str, str] | None = None  # a conv output, its quantizer, the SiLU site
+        self._raw: dict[int, _Deferred] = {}  # conv outputs left raw for their SiLU (defer_output), by id
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it."""
@@ -164,17 +190,38 @@ class SiteExecutor:
         kernels.KERNELS.ensure()
         if not kernels.KERNELS.compiled:
             return False
-        self._pending = (out, site.output, state.silu_reads[key])
+        self._raw[id(out)] = _Deferred(out, site.output, state.sites.get(state.silu_reads[key]))
         return True
 
+    def unraw(self, func: Callable, args, kwargs, consumer: bool = False):
+        """``args``/``kwargs`` of an op with each deferred raw conv output replaced by its quantized value (computed
+        once): any reader but the SiLU that applies the quantizer itself, and the folded BN between them, gets
+        what the unfused run time gives it, even a reader that capture did not see. ``consumer``: this op is
+        that SiLU or BN (the raw tensor goes through). Reading only its shape, dtype and such needs no values."""
+        if consumer or _metadata_only(func):
+            return args, kwargs
+        return tuple(self.quantized(a) for a in args), {k: self.quantized(v) for k, v in kwargs.items()}
+
+    def quantized(self, a):
+        """``a`` itself, or if it is a deferred raw conv output, its quantized value (computed once)."""
+        if type(a) is list or type(a) is tuple:
+            return type(a)(self.quantized(b) for b in a)
+        entry = self._raw.get(id(a)) if isinstance(a, torch.Tensor) else None
+        if entry is None or entry.raw is not a:
+            return a
+        if entry.quantized is None:
+            entry.quantized = self.act(entry.key, a)
+        return entry.quantized
+
     def end_forward(self) -> None:
-        """After the model's forward: a deferred conv output quantizer must have been applied by its SiLU."""
-        pending, self._pending, self._output_done = self._pending, None, None
-        if pending is not None:
-            raise QatkitError(f"qatkit: the output quantizer {pending[1]!r} was left to the SiLU that reads that "
-                              "conv's output, and no SiLU read it in this forward (a path capture did not see); "
-                              "set QATKIT_FUSED_FAKE_QUANT=0 to quantize every output where it is made, and report "
-                              "the model")
+        """After the model's forward: every deferred conv output quantizer must have been applied by its SiLU."""
+        raw, self._raw, self._output_done = self._raw, {}, None
+        missed = [e.key for e in raw.values() if not e.consumed and e.quantized is None]
+        if missed:
+            raise QatkitError(f"qatkit: the output quantizer {missed[0]!r} was left to the SiLU that reads that "
+                              "conv's output, and neither that SiLU nor any op read it in this forward (it went a "
+                              "way qatkit does not see, or nowhere); set QATKIT_FUSED_FAKE_QUANT=0 to quantize "
+                              "every output where it is made, and report the model")
 
     def _grid(self, key: str) -> tuple | None:
         """Quantizer ``key`` as a fused kernel takes it, ``(scale, zero_point, qmin, qmax)``, where it is only a
@@ -191,9 +238,12 @@ class SiteExecutor:
         fused kernel may apply the site's output quantizer too; :meth:`quantize_output` then passes it through.
         If ``x`` is a conv output whose quantizer :meth:`defer_output` left to this SiLU, it is applied here first.
         """
-        in_key, pending = None, self._pending
-        if pending is not None and pending[0] is x and self.state.sites.get(pending[2]) is site:
-            in_key, self._pending = pending[1], None
+        in_key, entry = None, self._raw.get(id(x)) if self._raw else None
+        if entry is not None and entry.raw is x:
+            if entry.silu is site and not entry.consumed:
+                in_key, entry.consumed = entry.key, True
+            else:
+                x = self.quantized(x)
         q = self.state.q(site.sigmoid)
         if self.state.tap is None and torch.is_grad_enabled() and x.requires_grad and q.plain():
             out = self._grid(site.output) if returned and site.output is not None else None
@@ -222,6 +272,9 @@ class SiteExecutor:
     def layer_op(self, site: Site, func: Callable, args, kwargs, module: torch.nn.Module | None = None):
         """The one op inside a leaf ``module``: quantized weight/bias, folded BN, decomposed SiLU."""
         name = func_name(func)
+        if self._raw:
+            args, kwargs = self.unraw(func, args, kwargs, (name == "silu" and site.sigmoid is not None) or (
+                name == "batch_norm" and site.identity and not self.state.bn_live))
         if site.identity and name == "batch_norm" and not self.state.bn_live:
             return args[0]
         if site.sigmoid is not None and name == "silu":

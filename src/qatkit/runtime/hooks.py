@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..errors import QatkitWarning
 from ..plan import ROOT, module_of
@@ -136,6 +137,8 @@ class ModelHooks:
         self._active = False
         self._exit_mode()
         self.tracker.reset()
+        if self.run._raw:  # a conv output left raw for its SiLU, returned as well: the quantized value, as unfused
+            output = self._quantize_paused(lambda _, out: tree_map(self.run.quantized, out), None, output)
         self.run.end_forward()
         if self.state.recorder is not None:
             self.state.recorder.model_outputs(output)
@@ -166,6 +169,8 @@ class ModelHooks:
         if not state.functional and site.weight is not None:
             self._enter_mode()  # capture fallback: the mode runs only inside this layer, for its weight
         if site.inputs:
+            if self.run._raw:  # (a layer with input quantizers reads what the unfused run time gives it)
+                args = self._quantize_paused(lambda _, a: self.run.unraw(None, a, {})[0], site, args)
             return self._quantize_paused(self.run.quantize_inputs, site, args)
         return None
 
