@@ -163,3 +163,62 @@ def test_a_deferred_quantizer_no_op_read_is_an_error(monkeypatch):
             qm.eval()(torch.rand(2, 3, 32, 32))  # inference never defers
         monkeypatch.setattr(kernels, "KERNELS", kernels._Kernels.uncompiled())  # as with QATKIT_FUSED_FAKE_QUANT=0
         _step(qm, torch.rand(2, 3, 32, 32))
+
+
+class Shapes(nn.Module):
+    """SiLU outputs through chunk, max-pool and cat (value-preserving ops whose outputs re-apply the same
+    quantizer under ``all_activations``); ``inplace`` scales one of them in place first."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.c1, self.act1 = nn.Conv2d(3, 16, 3, padding=1), nn.SiLU()
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.head = nn.Conv2d(24, 4, 1)
+        self.inplace = inplace
+
+    def forward(self, x):
+        y = self.act1(self.c1(x))
+        a, b = y.chunk(2, 1)
+        if self.inplace:
+            b.mul_(1.5)
+        return self.head(torch.cat([a, self.pool(b), a[:, :8]], 1))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_re_applied_quantizers_are_skipped_only_where_the_values_are_on_their_grid(inplace, monkeypatch):
+    """A quantizer re-applied after chunk / max-pool / cat to values already on its grid is skipped: outputs and
+    gradients equal the step that applies every one, bit for bit; after an in-place change it is applied again."""
+    from qatkit.quant import kernels
+    from qatkit.runtime.on_grid import OnGrid
+
+    torch.manual_seed(0)
+    qm = qatkit.quantize(Shapes(inplace), "onnxruntime", (torch.rand(1, 3, 32, 32),))
+    qatkit.calibrate(qm, [torch.rand(4, 3, 32, 32) * 2], method="max")
+    every = copy.deepcopy(qm)
+    x = torch.rand(2, 3, 32, 32) * 2
+    calls: list[str] = []
+    run = kernels.KERNELS.run
+    monkeypatch.setattr(kernels.KERNELS, "run", lambda which, *a: calls.append(which) or run(which, *a))
+    out_a, grads_a = _step(qm, x)
+    skipping = calls.count("forward")
+    monkeypatch.setattr(OnGrid, "holds", lambda self, t, q: False)
+    calls.clear()
+    out_b, grads_b = _step(every, x)
+    assert skipping < calls.count("forward") if not inplace else skipping <= calls.count("forward")
+    assert torch.equal(out_a, out_b)
+    for name, g in grads_a.items():
+        assert torch.equal(g, grads_b[name]), name
+
+
+def test_on_grid_notices_in_place_changes_and_freed_tensors():
+    from qatkit.runtime.on_grid import OnGrid
+
+    grid, q, other = OnGrid(), object(), object()
+    y = torch.zeros(4)
+    grid.add(y, q)
+    assert grid.holds(y, q) and not grid.holds(y, other) and not grid.holds(y.clone(), q)
+    y.add_(1.0)
+    assert not grid.holds(y, q)
+    grid.add(y, q)
+    del y
+    assert not grid.holds(torch.zeros(4), q)

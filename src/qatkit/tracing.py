@@ -94,12 +94,13 @@ class Frame:
     the plan has none).
     """
 
-    __slots__ = ("key", "module", "leaf", "counts", "site")
+    __slots__ = ("key", "module", "leaf", "counts", "site", "on_grid")
 
     def __init__(self, key: str, module: nn.Module, leaf: bool) -> None:
         self.key, self.module, self.leaf = key, module, leaf
         self.counts: dict[str, int] = {}
         self.site = None
+        self.on_grid = None  # the run time's: this layer's inputs, if on its output quantizer's grid
 
 
 class CallTracker:

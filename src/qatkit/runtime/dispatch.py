@@ -69,7 +69,7 @@ class FunctionDispatch(TorchFunctionMode):
             out = func(*args, **kwargs)
         else:
             args, kwargs = run.quantize_inputs(site, (args, kwargs))
-            out = run.quantize_output(site, run.compute(site, func, args, kwargs))
+            out = run.quantize_output(site, run.compute(site, func, args, kwargs), run.kept_on_grid(site, args))
         if state.recorder is not None:
             state.recorder.function(key, func, args, kwargs, out)
         return out

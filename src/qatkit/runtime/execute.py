@@ -14,6 +14,7 @@ from ..quant import kernels
 from ..quant.kernels import quantized_silu
 from ..quant.quantizer import FakeQuantizer, quantize_bias
 from ..tracing import func_name
+from .on_grid import VALUE_PRESERVING, OnGrid
 
 if TYPE_CHECKING:
     from .state import QuantState
@@ -139,12 +140,36 @@ class SiteExecutor:
         self.state = state
         self._output_done: torch.Tensor | None = None  # a fused SiLU's output, already through the site's quantizer
         self._raw: dict[int, _Deferred] = {}  # conv outputs left raw for their SiLU (defer_output), by id
+        self.grid = OnGrid()  # fake-quant outputs (and values moved from them) of this forward
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it."""
+        """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it.
+        A tensor already on this quantizer's grid (:mod:`qatkit.runtime.on_grid`) is returned as it is."""
         q = self.state.q(name)
+        if self.state.tap is not None:
+            return self.state.tap(q, q(x))
+        if torch.compiler.is_compiling():
+            return q(x)
+        if self.grid and self.grid.holds(x, q):
+            return x
         y = q(x)
-        return y if self.state.tap is None else self.state.tap(q, y)
+        if q.plain():
+            self.grid.add(y, q)
+        return y
+
+    def kept_on_grid(self, site: Site, args) -> list[torch.Tensor] | None:
+        """The floating tensors ``site`` reads, if it only moves values (a ``shape`` or ``cat`` op) and they are all
+        on the grid of its output quantizer already: then so are its outputs, and :meth:`quantize_output` need not
+        apply that quantizer (the result would be the same, bit for bit). None otherwise."""
+        if (site.kind not in VALUE_PRESERVING or site.output is None or not self.grid or self.state.tap is not None
+                or torch.compiler.is_compiling()):
+            return None
+        q = self.state.q(site.output)
+        leaves = _flat_tensors(args)
+        if leaves is None:
+            leaves = tree_flatten(args)[0]
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return tensors if tensors and all(self.grid.holds(t, q) for t in tensors) else None
 
     def quantize_inputs(self, site: Site, tree):
         """The site's input quantizers on the floating tensors of ``tree``, counted in flattening order."""
@@ -161,11 +186,16 @@ class SiteExecutor:
                 idx += 1
         return tree_unflatten(leaves, spec)
 
-    def quantize_output(self, site: Site, out):
-        """The site's output quantizer; while BN is live, a conv's moves to the output of its BatchNorm."""
+    def quantize_output(self, site: Site, out, on_grid: list[torch.Tensor] | None = None):
+        """The site's output quantizer; while BN is live, a conv's moves to the output of its BatchNorm.
+        ``on_grid`` (:meth:`kept_on_grid` of the site's inputs): the outputs are on its grid already, and are
+        returned as they are, except that a view of an input becomes a copy (a fake-quant output is a new tensor:
+        an in-place change of it must not reach the input)."""
         if out is self._output_done:  # :meth:`silu` applied the output quantizer in its kernel
             self._output_done = None
             return out
+        if on_grid is not None:
+            return self._kept(self.state.q(site.output), out, {t.untyped_storage().data_ptr() for t in on_grid})
         key = site.output
         if self.state.bn_live and (site.fold_bn is not None or site.fold_into is not None):
             key = None if site.fold_bn is not None else self.state.sites[site.fold_into].output
@@ -175,6 +205,17 @@ class SiteExecutor:
             return self.act(key, out) if out.is_floating_point() else out
         return tree_map(lambda t: self.act(key, t) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         else t, out)
+
+    def _kept(self, q: FakeQuantizer, out, inputs: set[int]):
+        """``out`` (a tensor or a tree of them) as quantizer ``q``'s output: views of ``inputs`` copied."""
+        if type(out) in (list, tuple):
+            return type(out)(self._kept(q, t, inputs) for t in out)
+        if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+            return out
+        if out.untyped_storage().data_ptr() in inputs:
+            out = out.clone()
+        self.grid.add(out, q)
+        return out
 
     def defer_output(self, site: Site, out, key: str) -> bool:
         """Whether conv site ``key`` leaves its output quantizer to the SiLU that alone reads its output
@@ -216,6 +257,7 @@ class SiteExecutor:
     def end_forward(self) -> None:
         """After the model's forward: every deferred conv output quantizer must have been applied by its SiLU."""
         raw, self._raw, self._output_done = self._raw, {}, None
+        self.grid.clear()
         missed = [e.key for e in raw.values() if not e.consumed and e.quantized is None]
         if missed:
             raise QatkitError(f"qatkit: the output quantizer {missed[0]!r} was left to the SiLU that reads that "
@@ -254,6 +296,7 @@ class SiteExecutor:
             if y is not None:
                 if out is not None:
                     self._output_done = y
+                    self.grid.add(y, self.state.q(site.output))
                 return y
         if in_key is not None:
             x = self.act(in_key, x)

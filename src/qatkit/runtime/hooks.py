@@ -16,6 +16,7 @@ from ..plan import ROOT, module_of
 from ..tracing import CallTracker
 from .dispatch import FunctionDispatch
 from .execute import SiteExecutor
+from .on_grid import VALUE_PRESERVING
 
 if TYPE_CHECKING:
     from .state import QuantState
@@ -168,6 +169,8 @@ class ModelHooks:
             return None
         if not state.functional and site.weight is not None:
             self._enter_mode()  # capture fallback: the mode runs only inside this layer, for its weight
+        if site.kind in VALUE_PRESERVING and site.output is not None and self.run.grid:
+            frame.on_grid = self._quantize_paused(self.run.kept_on_grid, site, args)
         if site.inputs:
             if self.run._raw:  # (a layer with input quantizers reads what the unfused run time gives it)
                 args = self._quantize_paused(lambda _, a: self.run.unraw(None, a, {})[0], site, args)
@@ -188,7 +191,7 @@ class ModelHooks:
                 prev, self._paused = self._paused, True  # (tensor attributes read here are not model ops)
                 try:
                     if not (state.silu_reads and self.run.defer_output(site, output, frame.key)):
-                        output = self.run.quantize_output(site, output)
+                        output = self.run.quantize_output(site, output, frame.on_grid)
                 finally:
                     self._paused = prev
             if state.recorder is not None:

@@ -1,0 +1,46 @@
+"""Tensors already on a quantizer's grid: applying that quantizer to them again would change nothing.
+
+A fake-quant output holds values ``(c - zp) * s`` of its quantizer's grid, and value-preserving ops (the plan's
+``shape`` and ``cat`` sites: max-pool, nearest upsample, reshape, chunk, concat...) keep them there. The
+``all_activations`` placement re-applies a quantizer after such ops (ORT wants a Q/DQ pair on every tensor), so in
+eager QAT those re-applications are passes over the data whose output equals their input bit for bit (a code
+``c`` maps back to ``c``; values in range pass the gradient unchanged). :class:`OnGrid` remembers which tensors are
+on which quantizer's grid (weak references, and the tensor's version counter, so an in-place change is noticed),
+and the run time skips the re-application.
+
+Example usage::
+
+    grid = OnGrid()
+    y = q(x)
+    grid.add(y, q)
+    grid.holds(y, q)      # True until y is modified in place or freed
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+VALUE_PRESERVING = ("shape", "cat")  # site kinds whose outputs hold only values of their inputs
+
+
+class OnGrid:
+    """Which live tensors hold only values on which quantizer's grid (cleared after each forward)."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[weakref.ref, object, int]] = {}
+
+    def add(self, t: torch.Tensor, quantizer: object) -> None:
+        """``t`` holds only values of ``quantizer``'s grid (a fake-quant output of it, or values moved from one)."""
+        self._known[id(t)] = (weakref.ref(t), quantizer, t._version)
+
+    def holds(self, t: torch.Tensor, quantizer: object) -> bool:
+        """Whether ``t`` is known to be on ``quantizer``'s grid and unchanged since."""
+        entry = self._known.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] is quantizer and entry[2] == t._version
+
+    def clear(self) -> None:
+        self._known.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._known)
