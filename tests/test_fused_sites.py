@@ -210,6 +210,19 @@ def test_re_applied_quantizers_are_skipped_only_where_the_values_are_on_their_gr
         assert torch.equal(g, grads_b[name]), name
 
 
+def test_inference_mode_runs_without_the_grid():
+    """Inference tensors have no version counter: under torch.inference_mode nothing is remembered, and the output
+    equals the no-grad output."""
+    torch.manual_seed(0)
+    qm = qatkit.quantize(Shapes(False), "onnxruntime", (torch.rand(1, 3, 32, 32),))
+    qatkit.calibrate(qm, [torch.rand(4, 3, 32, 32) * 2], method="max")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        y = qm.eval()(x)
+    with torch.no_grad():
+        assert torch.equal(y, qm(x))
+
+
 def test_on_grid_notices_in_place_changes_and_freed_tensors():
     from qatkit.runtime.on_grid import OnGrid
 

@@ -31,13 +31,16 @@ class OnGrid:
         self._known: dict[int, tuple[weakref.ref, object, int]] = {}
 
     def add(self, t: torch.Tensor, quantizer: object) -> None:
-        """``t`` holds only values of ``quantizer``'s grid (a fake-quant output of it, or values moved from one)."""
-        self._known[id(t)] = (weakref.ref(t), quantizer, t._version)
+        """``t`` holds only values of ``quantizer``'s grid (a fake-quant output of it, or values moved from one).
+        Inference tensors (``torch.inference_mode``) have no version counter: they are not remembered."""
+        if not t.is_inference():
+            self._known[id(t)] = (weakref.ref(t), quantizer, t._version)
 
     def holds(self, t: torch.Tensor, quantizer: object) -> bool:
         """Whether ``t`` is known to be on ``quantizer``'s grid and unchanged since."""
         entry = self._known.get(id(t))
-        return entry is not None and entry[0]() is t and entry[1] is quantizer and entry[2] == t._version
+        return (entry is not None and entry[0]() is t and entry[1] is quantizer and not t.is_inference()
+                and entry[2] == t._version)
 
     def clear(self) -> None:
         self._known.clear()
