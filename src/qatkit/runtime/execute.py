@@ -226,7 +226,8 @@ class SiteExecutor:
         state = self.state
         if (key not in state.silu_reads or site.output is None or state.tap is not None or state.bn_live
                 or type(out) is not torch.Tensor or not torch.is_grad_enabled() or not out.requires_grad
-                or torch.compiler.is_compiling() or self._grid(site.output) is None):
+                or out.device.type != "cpu" or torch.compiler.is_compiling()
+                or self._kernel_grid(site.output) is None):
             return False
         kernels.KERNELS.ensure()
         if not kernels.KERNELS.compiled:
@@ -265,7 +266,7 @@ class SiteExecutor:
                               "way qatkit does not see, or nowhere); set QATKIT_FUSED_FAKE_QUANT=0 to quantize "
                               "every output where it is made, and report the model")
 
-    def _grid(self, key: str) -> tuple | None:
+    def _kernel_grid(self, key: str) -> tuple | None:
         """Quantizer ``key`` as a fused kernel takes it, ``(scale, zero_point, qmin, qmax)``, where it is only a
         per-tensor fake-quant with its stored scale (:meth:`FakeQuantizer.plain`); None otherwise."""
         q = self.state.q(key)
@@ -288,8 +289,8 @@ class SiteExecutor:
                 x = self.quantized(x)
         q = self.state.q(site.sigmoid)
         if self.state.tap is None and torch.is_grad_enabled() and x.requires_grad and q.plain():
-            out = self._grid(site.output) if returned and site.output is not None else None
-            inp = self._grid(in_key) if in_key is not None and out is not None else None
+            out = self._kernel_grid(site.output) if returned and site.output is not None else None
+            inp = self._kernel_grid(in_key) if in_key is not None and out is not None else None
             if in_key is not None and inp is None:
                 x, in_key = self.act(in_key, x), None
             y = quantized_silu(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax, out, inp)
