@@ -103,6 +103,8 @@ class LateReader(nn.Module):
         z = self.bn1(self.c1(x))
         if self.late == "unused":
             return self.head(x.repeat(1, 3, 1, 1)[:, :8])
+        if self.late == "raise":
+            raise RuntimeError("the model's own error")
         early = z * 2.0 if self.late == "before" else None
         y = self.act1(z)
         if early is not None:
@@ -208,6 +210,22 @@ def test_re_applied_quantizers_are_skipped_only_where_the_values_are_on_their_gr
     assert torch.equal(out_a, out_b)
     for name, g in grads_a.items():
         assert torch.equal(g, grads_b[name]), name
+
+
+def test_a_forward_that_raised_leaves_nothing_behind():
+    """A forward that fails after a conv output was left raw for its SiLU raises the model's own error, with no
+    word about that output, and the next forward starts clean: the same step as a model that never failed."""
+    qm, plain = _late_reader("raise")
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(RuntimeError, match="the model's own error"):
+        warnings.simplefilter("always")
+        _step(qm, torch.rand(2, 3, 32, 32))
+    assert not [w for w in seen if "quantizer" in str(w.message)]  # (PyTorch would warn of a silenced hook error)
+    qm.late = plain.late = "none"
+    x = torch.rand(2, 3, 32, 32)
+    out_a, grads_a = _step(qm, x)
+    out_b, grads_b = _step(plain, x)
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(g, grads_b[n]) for n, g in grads_a.items())
 
 
 def test_inference_mode_runs_without_the_grid():

@@ -253,7 +253,7 @@ class FakeQuantizer(nn.Module):
         Example:
             >>> wq = FakeQuantizer(QuantScheme(bits=8, signed=True, symmetric=True, per_channel=True), "w", 16,
             ...                    dynamic=True)
-            >>> y = wq.quantize_weight(torch.randn(16, 8, 3, 3))
+            >>> y = wq.quantize_weight(torch.randn(16, 8, 3, 3), torch.rand(16) + 0.5)
         """
         s = self.scheme
         if (self.dynamic and s.per_channel and s.axis % weight.ndim == 0 and s.scale_mode != "learned"

@@ -138,7 +138,6 @@ class SiteExecutor:
 
     def __init__(self, state: QuantState) -> None:
         self.state = state
-        self._output_done: torch.Tensor | None = None  # a fused SiLU's output, already through the site's quantizer
         self._raw: dict[int, _Deferred] = {}  # conv outputs left raw for their SiLU (defer_output), by id
         self.grid = OnGrid()  # fake-quant outputs (and values moved from them) of this forward
 
@@ -191,9 +190,6 @@ class SiteExecutor:
         ``on_grid`` (:meth:`kept_on_grid` of the site's inputs): the outputs are on its grid already, and are
         returned as they are, except that a view of an input becomes a copy (a fake-quant output is a new tensor:
         an in-place change of it must not reach the input)."""
-        if out is self._output_done:  # :meth:`silu` applied the output quantizer in its kernel
-            self._output_done = None
-            return out
         if on_grid is not None:
             return self._kept(self.state.q(site.output), out, {t.untyped_storage().data_ptr() for t in on_grid})
         key = site.output
@@ -255,10 +251,16 @@ class SiteExecutor:
             entry.quantized = self.act(entry.key, a)
         return entry.quantized
 
+    def reset(self) -> None:
+        """Forget this forward's deferred conv outputs and on-grid tensors (at the start of a forward: one that
+        raised may have left some behind)."""
+        self._raw = {}
+        self.grid.clear()
+
     def end_forward(self) -> None:
         """After the model's forward: every deferred conv output quantizer must have been applied by its SiLU."""
-        raw, self._raw, self._output_done = self._raw, {}, None
-        self.grid.clear()
+        raw = self._raw
+        self.reset()
         missed = [e.key for e in raw.values() if not e.consumed and e.quantized is None]
         if missed:
             raise QatkitError(f"qatkit: the output quantizer {missed[0]!r} was left to the SiLU that reads that "
@@ -278,7 +280,8 @@ class SiteExecutor:
         """SiLU as ``x * q(sigmoid(x))``, as the exported graph computes it (fused when training on CPU).
 
         ``returned``: the result is what the site returns (a functional SiLU, or an ``nn.SiLU`` layer), so the
-        fused kernel may apply the site's output quantizer too; :meth:`quantize_output` then passes it through.
+        fused kernel may apply the site's output quantizer too; its output is then on that quantizer's grid, which
+        :meth:`act` (called by :meth:`quantize_output`) knows, so it is not applied again.
         If ``x`` is a conv output whose quantizer :meth:`defer_output` left to this SiLU, it is applied here first.
         """
         in_key, entry = None, self._raw.get(id(x)) if self._raw else None
@@ -296,7 +299,6 @@ class SiteExecutor:
             y = quantized_silu(x, q.scale, q.zero_point, q.scheme.qmin, q.scheme.qmax, out, inp)
             if y is not None:
                 if out is not None:
-                    self._output_done = y
                     self.grid.add(y, self.state.q(site.output))
                 return y
         if in_key is not None:

@@ -122,7 +122,7 @@ class ModelHooks:
 
     def _root_pre(self, module: nn.Module, args):
         self.tracker.reset()
-        self.run.end_forward()  # (a forward that raised may have left a deferred quantizer behind: drop it)
+        self.run.reset()
         self.tracker.push(module)
         if self.state.recorder is not None:
             self.state.recorder.inputs(args)
@@ -138,9 +138,12 @@ class ModelHooks:
         self._active = False
         self._exit_mode()
         self.tracker.reset()
-        if self.run._raw:  # a conv output left raw for its SiLU, returned as well: the quantized value, as unfused
-            output = self._quantize_paused(lambda _, out: tree_map(self.run.quantized, out), None, output)
-        self.run.end_forward()
+        if sys.exc_info()[1] is not None:  # the forward raised (PyTorch calls this hook while handling it)
+            self.run.reset()  # its own error is what the user needs, not one about a quantizer it did not reach
+        else:
+            if self.run._raw:  # a conv output left raw for its SiLU, returned as well: the quantized value
+                output = self._quantize_paused(lambda _, out: tree_map(self.run.quantized, out), None, output)
+            self.run.end_forward()
         if self.state.recorder is not None:
             self.state.recorder.model_outputs(output)
         return output
@@ -173,7 +176,7 @@ class ModelHooks:
             frame.on_grid = self._quantize_paused(self.run.kept_on_grid, site, args)
         if site.inputs:
             if self.run._raw:  # (a layer with input quantizers reads what the unfused run time gives it)
-                args = self._quantize_paused(lambda _, a: self.run.unraw(None, a, {})[0], site, args)
+                args = self._quantize_paused(lambda _, a: self.run.quantized(a), site, args)
             return self._quantize_paused(self.run.quantize_inputs, site, args)
         return None
 
