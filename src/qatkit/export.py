@@ -19,6 +19,7 @@ from .errors import NotCalibratedError
 from .capture import tensors_of
 from .quantize import as_inputs
 from .export_int16 import widen_int16
+from .export_softmax import decompose_softmax as _decompose_softmax
 from .unsigned_activations import to_unsigned_activations
 from .quant.quantizer import INT16_DOMAIN
 
@@ -26,7 +27,8 @@ OPSET = 17
 
 
 def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: int = OPSET,
-                dynamic_batch: bool = True, unsigned_activations: bool = False) -> Path:
+                dynamic_batch: bool = True, unsigned_activations: bool = False,
+                decompose_softmax: bool | None = None) -> Path:
     """Write ``model`` (quantized or float) to ``path`` as ONNX and check it; returns the path.
 
     Args:
@@ -38,6 +40,9 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
         unsigned_activations: write signed activation grids on the equivalent unsigned container (int8 zero point
             z -> uint8 z + 128: the same real values). For OpenVINO, which miscomputes some signed-int8 activation
             graphs (docs/openvino.md); not for TensorRT, which wants zero point 0.
+        decompose_softmax: write each float Softmax over a non-last axis (YOLOv8's DFL) as reductions and
+            element-wise ops, which ONNX Runtime's CPU runs several times faster (qatkit.export_softmax). None: as
+            the recipe says (on for ``onnxruntime``); a float model's export leaves Softmax alone unless True.
 
     Raises:
         NotCalibratedError: a quantizer has no scale yet.
@@ -70,9 +75,12 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
                               output_names=output_names, dynamic_axes=axes, do_constant_folding=True,
                               custom_opsets={INT16_DOMAIN: 1} if _has_int16(model) else None)
         state = getattr(model, "_qatkit", None)
-        if state is not None:
-            _finish(tmp, {"qatkit.recipe": state.recipe.get("name", "custom"),
-                          "qatkit.float_layers": json.dumps(state.float_layers)}, unsigned_activations)
+        if decompose_softmax is None:
+            decompose_softmax = state is not None and bool(state.recipe.get("decompose_softmax", False))
+        if state is not None or decompose_softmax:
+            props = {} if state is None else {"qatkit.recipe": state.recipe.get("name", "custom"),
+                                              "qatkit.float_layers": json.dumps(state.float_layers)}
+            _finish(tmp, props, unsigned_activations, decompose_softmax)
         onnx.checker.check_model(str(tmp))
         tmp.replace(path)
     finally:
@@ -87,10 +95,11 @@ def _has_int16(model: nn.Module) -> bool:
     return state is not None and any(q.scheme.container_bits == 16 for q in state.quantizers.values())
 
 
-def _finish(path: Path, props: dict[str, str], unsigned_activations: bool) -> None:
+def _finish(path: Path, props: dict[str, str], unsigned_activations: bool, softmax: bool) -> None:
     """Add what ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes, turn
     16-bit Q/DQ stand-ins into standard opset-21 nodes (qatkit.export_int16) and, if asked, put signed activation
-    grids on unsigned containers (qatkit.unsigned_activations); one load and save."""
+    grids on unsigned containers (qatkit.unsigned_activations) and decompose inner-axis Softmax
+    (qatkit.export_softmax); one load and save."""
     model = onnx.load(str(path))
     for key, value in props.items():
         entry = model.metadata_props.add()
@@ -98,4 +107,6 @@ def _finish(path: Path, props: dict[str, str], unsigned_activations: bool) -> No
     model = widen_int16(model)
     if unsigned_activations:
         to_unsigned_activations(model)
+    if softmax:
+        _decompose_softmax(model)
     onnx.save(model, str(path))
