@@ -115,6 +115,8 @@ def quantize(model: nn.Module, recipe: "str | Path | dict | Recipe" = "onnxrunti
                        placement.float_layers)
     state.known = graph.seen
     state.silu_reads = placement.silu_reads
+    state.arity = {key: len(graph.nodes[key].inputs) for key, site in placement.sites.items()
+                   if site.inputs and "/" in key and key in graph.nodes}
     state.functional = graph.fallback is None
     device = _device_of(model)
     if device is not None:  # a model already on a GPU: its quantizers' buffers go with it

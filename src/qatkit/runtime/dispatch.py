@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..capture import tensors_of
+from ..errors import QatkitError
+from ..plan import parse_key
+
 if TYPE_CHECKING:
     from .hooks import ModelHooks
 
@@ -20,6 +24,44 @@ def reads_float(args, kwargs) -> bool:
         elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in a):
             return True
     return False
+
+
+def count_tensors(args, kwargs) -> int:
+    """How many tensors ``(args, kwargs)`` holds, as capture counts them (pytree leaves), without pytree for
+    arguments that are tensors, scalars or flat lists/tuples."""
+    n = 0
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            n += 1
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    n += 1
+                elif isinstance(b, (list, tuple, dict)):
+                    return len(tensors_of((args, kwargs)))
+        elif isinstance(a, dict):
+            return len(tensors_of((args, kwargs)))
+    return n
+
+
+def check_arity(key: str, expected: int, args, kwargs) -> None:
+    """Raise if the op now run under ``key`` takes another number of tensors than the op capture saw there.
+
+    Functional ops are matched by their order within a module's forward (``model.22/add#2``: its third ``add``).
+    A forward that runs some ops only on its first call or when the input shape changes (cached anchors, as in
+    ultralytics' detection heads) shifts the later ones, and their quantizers would land on other tensors."""
+    found = count_tensors(args, kwargs)
+    if found == expected:
+        return
+    key_parts = parse_key(key)
+    raise QatkitError(
+        f"'{key}' runs with {found} tensor input(s) where capture saw {expected}: the forward of "
+        f"'{key_parts.module or '(the model)'}' runs other '{key_parts.op}' ops than when qatkit.quantize captured it "
+        "(code that runs only on the first call or when the input shape changes, e.g. cached anchors), and its "
+        "functional ops are matched by their order, so quantizers would land on the wrong tensors. Make that forward "
+        "run the same ops on every call (ultralytics: model.model[-1].dynamic = True before qatkit.quantize), "
+        "or keep that part float (recipe keep_head_decode_float: true, or a 'skip' rule for the "
+        "module)")
 
 
 class FunctionDispatch(TorchFunctionMode):
@@ -62,6 +104,8 @@ class FunctionDispatch(TorchFunctionMode):
         key = hooks.tracker.op_key(func)
         hooks.check_seen(key)
         site = state.sites.get(key)
+        if site is not None and site.inputs and key in state.arity:
+            check_arity(key, state.arity[key], args, kwargs)
         if run._raw:  # a conv output left raw reaches its SiLU as it is, any other op quantized (execute.py)
             silu = site is not None and site.sigmoid is not None and not site.relu and not site.inputs
             args, kwargs = run.unraw(func, args, kwargs, silu)

@@ -26,7 +26,8 @@ class QuantState(nn.Module):
         state.attach(model)
     """
 
-    silu_reads: dict[str, str] = {}  # (read-only default for states pickled before it existed)
+    silu_reads: dict[str, str] = {}  # (read-only defaults for states pickled before they existed)
+    arity: dict[str, int] = {}
 
     def __init__(self, sites: dict[str, Site] | None = None, quantizers: dict[str, FakeQuantizer] | None = None,
                  recipe: dict | None = None, outputs: list[str | None] | None = None,
@@ -46,6 +47,9 @@ class QuantState(nn.Module):
         self._bn_frozen = False  # its Python mirror, what bn_live reads (FakeQuantizer's flags have them too)
         self.functional = True  # False after a capture fallback: module hooks only, no torch-function mode
         self.silu_reads: dict[str, str] = {}  # conv site -> the SiLU site that alone reads it (Placement.silu_reads)
+        # functional site with input quantizers -> its tensor inputs at capture: a later call that disagrees means
+        # the ops of that module's forward shifted (FunctionDispatch.check_arity)
+        self.arity: dict[str, int] = {}
         self.tap: Callable[[FakeQuantizer, torch.Tensor], torch.Tensor] | None = None
         self._model_hooks: list[ModelHooks] = []
 
