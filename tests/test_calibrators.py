@@ -352,7 +352,44 @@ def test_bad_input_and_empty_state(method):
         c.observe(torch.tensor([float("inf"), 0.0]))
     with pytest.raises(CalibrationError, match="floating-point"):
         c.observe(torch.tensor([1, 2]))
+    c.observe(torch.empty(0, 4))  # no statistics in it: skipped, not counted
     assert c.num_batches == 0
+
+
+class EmptySlice(torch.nn.Module):
+    """A concat with a zero-width slice (the last stop's test net hit 'cannot calibrate on an empty tensor')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(torch.cat([y, y[:, :0], y], 1))
+
+
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_calibration_skips_empty_tensors(method):
+    import qatkit
+
+    net = EmptySlice().eval()
+    x = torch.rand(2, 3, 8, 8)
+    qatkit.quantize(net, "onnxruntime", (x,))
+    qatkit.calibrate(net, [torch.rand(2, 3, 8, 8) for _ in range(2)], method=method)
+    assert not qatkit.uncalibrated(net)
+    with torch.no_grad():
+        assert torch.isfinite(net(x)).all()
+
+
+def test_ema_ranges_skip_empty_tensors_in_training():
+    import qatkit
+
+    net = EmptySlice()
+    qatkit.quantize(net, "npu-uint8", (torch.rand(2, 3, 8, 8),))  # activation ranges follow a moving average
+    qatkit.calibrate(net, [torch.rand(2, 3, 8, 8)], method="max")
+    net.train()
+    net(torch.rand(2, 3, 8, 8)).square().mean().backward()
+    assert all(torch.isfinite(q.scale).all() for q in qatkit.quantization_state(net).quantizers.values())
 
 
 def test_unknown_method_and_option():

@@ -61,11 +61,12 @@ class Calibrator:
 
     # -- public API ---------------------------------------------------------------
     def observe(self, x: Tensor) -> None:
-        """Accumulate statistics of one batch; rejects NaN/Inf so they never poison ranges."""
+        """Accumulate statistics of one batch; rejects NaN/Inf so they never poison ranges. An empty tensor (a
+        zero-width slice, no detections) holds no statistics: it is skipped and not counted as a batch."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise CalibrationError(f"expected a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
         if x.numel() == 0:
-            raise CalibrationError("cannot calibrate on an empty tensor")
+            return
         x = x.detach()
         # one reduction instead of isfinite().all(): NaN propagates through aminmax and Inf shows as the extreme;
         # the same extremes then serve the statistics (one pass over x, one host sync)

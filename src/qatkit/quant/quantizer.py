@@ -206,6 +206,8 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor) -> None:
         """Moving-average min/max of training batches (PyTorch's MovingAverageMinMaxObserver rule)."""
+        if x.numel() == 0:  # no statistics in it (the range stays; DDP ranks reduce per non-empty batch)
+            return
         c = self.scheme.averaging_constant
         lo, hi = reduce_minmax(*torch.aminmax(x.detach().float()))  # DDP: every rank moves its range alike
         self.set_range(self.range_lo + c * (lo - self.range_lo), self.range_hi + c * (hi - self.range_hi),
