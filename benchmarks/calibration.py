@@ -13,7 +13,8 @@ Times are CPU seconds of this process (all threads, ``time.process_time``): on a
 than wall time when other processes take the cores. ``--baseline REV`` also times the calibrators of git revision
 REV (calibrators.py, histogram.py and mse_search.py loaded from git into this process), alternating with the
 working tree's in every round so that before and after share the machine's noise, and reports how far the ranges
-they chose differ. Each figure is the median over ``--rounds`` rounds. ``--doc`` writes the table and command.
+they chose differ. Each figure is the median over ``--rounds`` rounds. The table and its command go into the
+calibration block of ``--doc`` (docs/calibration.md; ``make bench`` runs ``--methods max,mse``).
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ from qatkit.apps.runconfig import RunConfig  # noqa: E402
 from qatkit.apps.stages import datasets, image_batches, load_float  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from doc_block import write_block  # noqa: E402 - the helper lives beside this script
+
+BEGIN, END = "<!-- calibration:begin -->", "<!-- calibration:end -->"
 METHODS = ("max", "mse", "entropy", "percentile")
 
 
@@ -160,7 +165,8 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--recipe", default="onnxruntime")
     ap.add_argument("--baseline", default=None, help="git revision whose calibrators are timed alongside")
-    ap.add_argument("--doc", default=None, help="write the figures as markdown here")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "calibration.md"),
+                    help="the page whose calibration block gets the table and command ('' to print only)")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     cfg = RunConfig(quiet=True)
@@ -210,10 +216,9 @@ def main() -> int:
         lines += ["", f"Chosen ranges, working tree vs {args.baseline}, max relative difference over all quantizers: "
                   + ", ".join(f"{m} {max_relative_difference(chosen[m, args.baseline], chosen[m, 'now']):.3g}"
                               for m in methods) + "."]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    print("\n".join(lines))
     if args.doc:
-        Path(args.doc).write_text(text)
+        write_block(Path(args.doc), BEGIN, END, lines, "## Figures of the last `make bench`")
     return 0
 
 
