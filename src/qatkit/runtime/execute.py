@@ -14,6 +14,7 @@ from ..quant import kernels
 from ..quant.kernels import quantized_silu
 from ..quant.quantizer import FakeQuantizer, quantize_bias
 from ..tracing import func_name
+from .layer_cache import LayerCache
 from .on_grid import VALUE_PRESERVING, OnGrid
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class SiteExecutor:
         self.state = state
         self._raw: dict[int, _Deferred] = {}  # conv outputs left raw for their SiLU (defer_output), by id
         self.grid = OnGrid()  # fake-quant outputs (and values moved from them) of this forward
+        self.layers = LayerCache()  # quantized weights and biases between forwards without autograd
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it.
@@ -256,6 +258,8 @@ class SiteExecutor:
         raised may have left some behind)."""
         self._raw = {}
         self.grid.clear()
+        if not torch.compiler.is_compiling() and torch.is_grad_enabled() and self.layers:
+            self.layers.clear()  # training: the weights change every step, free the copies
 
     def end_forward(self) -> None:
         """After the model's forward: every deferred conv output quantizer must have been applied by its SiLU."""
@@ -330,24 +334,43 @@ class SiteExecutor:
         return func(*args, **kwargs)
 
     def _weighted(self, site: Site, func: Callable, args: list, kwargs: dict):
-        """conv/linear with its weight quantized (BatchNorm folded in) and its bias on the int32 grid."""
+        """conv/linear with its weight quantized (BatchNorm folded in) and its bias on the int32 grid; without
+        autograd, the result is kept until what it is computed from changes (:mod:`qatkit.runtime.layer_cache`)."""
         bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
         wq = self.state.q(site.weight)
         if site.fold_bn is not None and self.state.bn_live:
             return self._live_fold(site, wq, func, args, kwargs, bias)
-        if site.fold_bn is not None:  # the weight is folded inside its quantizer (one pass with the fake-quant)
-            bn = self.state.module(site.fold_bn)
-            factor = bn_scale(bn)
-            args[1], bias = wq.quantize_weight(args[1], factor), fold_bias(bias, bn, factor)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            args[1], bias = self._weight_and_bias(site, wq, args[1], bias)
         else:
-            args[1] = wq.quantize_weight(args[1])
-        if bias is not None and site.bias_from is not None and _quantizing(wq, self.state.q(site.bias_from)):
-            bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
+            bn = None if site.fold_bn is None else self.state.module(site.fold_bn)
+            bq = None if site.bias_from is None else self.state.q(site.bias_from)
+            sources = (args[1], bias, bq.scale if bq is not None else None,
+                       *((bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None else ()))
+            switches = (wq.fake_quant_on, wq.is_calibrated, bq is not None and _quantizing(wq, bq),
+                        bn.eps if bn is not None else None, torch.is_inference_mode_enabled())
+            hit = self.layers.get(site, sources, switches)
+            if hit is None:
+                hit = self.layers.put(site, sources, switches, *self._weight_and_bias(site, wq, args[1], bias))
+            args[1], bias = hit
         if len(args) > 2:
             args[2] = bias
         else:
             kwargs["bias"] = bias
         return func(*args, **kwargs)
+
+    def _weight_and_bias(self, site: Site, wq: FakeQuantizer, weight: torch.Tensor, bias):
+        """The layer's weight through its quantizer (BatchNorm folded in, in one pass with the fake-quant) and its
+        bias (folded, then on the int32 grid of ``s_input * s_weight``)."""
+        if site.fold_bn is not None:
+            bn = self.state.module(site.fold_bn)
+            factor = bn_scale(bn)
+            weight, bias = wq.quantize_weight(weight, factor), fold_bias(bias, bn, factor)
+        else:
+            weight = wq.quantize_weight(weight)
+        if bias is not None and site.bias_from is not None and _quantizing(wq, self.state.q(site.bias_from)):
+            bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
+        return weight, bias
 
     def _live_fold(self, site: Site, wq: FakeQuantizer, func: Callable, args: list, kwargs: dict, bias):
         """BN in train mode: the folded weight is quantized, the scaling divided back out (qatkit.bn_fold)."""

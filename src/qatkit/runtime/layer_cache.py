@@ -1,0 +1,91 @@
+"""Quantized weights and biases kept between forwards that build no autograd graph.
+
+In eval, calibration, ``verify`` and sensitivity sweeps a layer's weight is folded with its BatchNorm, its range
+found, fake-quantized and its bias put on the int32 grid at every forward, from tensors that have not changed.
+:class:`LayerCache` keeps each layer's result with a stamp of what it was computed from: weak references to the
+source tensors (weight, bias, the BatchNorm's parameters and statistics, the input scale of the bias grid) with
+their version counters, plus the quantizers' switches. Any in-place change (an optimizer step, ``load_state_dict``,
+calibration) bumps a version, a replaced tensor fails the identity check, and the layer is computed again: a hit
+returns exactly what recomputing would (the same tensors, the same operations).
+
+Forwards that build a graph (training) never use it and empty it, so it holds memory only between training
+phases. Copies of the model (``copy.deepcopy``, pickling) start with an empty cache.
+
+Example usage::
+
+    cache = LayerCache()
+    hit = cache.get(site, sources, switches)
+    if hit is None:
+        hit = cache.put(site, sources, switches, weight, bias)
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+Stamp = tuple[tuple[weakref.ref | None, int], ...]
+
+
+def _stamp(sources: Sequence[torch.Tensor | None]) -> Stamp | None:
+    """(weak reference, version) of each source; None when one is an inference tensor (no version counter)."""
+    out = []
+    for t in sources:
+        if t is None:
+            out.append((None, 0))
+        elif t.is_inference():
+            return None
+        else:
+            out.append((weakref.ref(t), t._version))
+    return tuple(out)
+
+
+def _unchanged(stamp: Stamp, sources: Sequence[torch.Tensor | None]) -> bool:
+    if len(stamp) != len(sources):
+        return False
+    for (ref, version), t in zip(stamp, sources):
+        if t is None:
+            if ref is not None:
+                return False
+        elif ref is None or ref() is not t or t.is_inference() or t._version != version:
+            return False
+    return True
+
+
+class LayerCache:
+    """Per layer: the last quantized (weight, bias) computed without autograd, and the stamp it is valid for."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Stamp, tuple, torch.Tensor, torch.Tensor | None]] = {}
+
+    def get(self, layer: object, sources: Sequence[torch.Tensor | None],
+            switches: tuple) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The cached (weight, bias) of ``layer`` if ``sources`` and ``switches`` are what it was computed from."""
+        entry = self._entries.get(id(layer))
+        if entry is None or entry[1] != switches or not _unchanged(entry[0], sources):
+            return None
+        return entry[2], entry[3]
+
+    def put(self, layer: object, sources: Sequence[torch.Tensor | None], switches: tuple, weight: torch.Tensor,
+            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Remember (weight, bias) for ``layer``; returns them."""
+        stamp = _stamp(sources)
+        if stamp is not None:
+            self._entries[id(layer)] = (stamp, switches, weight, bias)
+        return weight, bias
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def __deepcopy__(self, memo) -> "LayerCache":
+        return LayerCache()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._entries = {}

@@ -1,0 +1,119 @@
+"""Quantized weights kept between forwards without autograd (qatkit.runtime.layer_cache): a kept layer gives exactly
+what recomputing gives, and every change of what it is computed from is noticed."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import qatkit
+from qatkit import quantization_state
+
+
+class ConvBnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.silu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def quantized(recipe: str = "onnxruntime") -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net = ConvBnNet()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.3, 0.3)
+    x = torch.rand(2, 3, 12, 12)
+    qatkit.quantize(net, recipe, (x,))
+    qatkit.calibrate(net, [torch.rand(2, 3, 12, 12) for _ in range(2)], method="max")
+    return net.eval(), x
+
+
+def weight_scale_versions(net: nn.Module) -> list[int]:
+    """Version counters of the weight quantizers' scales: each recompute stores the scale again."""
+    return [q.scale._version for q in quantization_state(net).quantizers.values() if q.dynamic]
+
+
+def fresh_eval(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The eval output recomputed from scratch (a deep copy starts with an empty cache)."""
+    with torch.no_grad():
+        return copy.deepcopy(net)(x)
+
+
+@pytest.mark.parametrize("recipe", ["onnxruntime", "tensorrt"])
+def test_repeated_eval_reuses_layers_with_identical_output(recipe):
+    net, x = quantized(recipe)
+    with torch.no_grad():
+        first = net(x)
+        versions = weight_scale_versions(net)
+        second = net(x)
+        assert weight_scale_versions(net) == versions, "the second forward recomputed the weights"
+        with torch.inference_mode():
+            third = net(x)
+    assert torch.equal(first, second) and torch.equal(first, third)
+    assert torch.equal(first, fresh_eval(net, x))
+
+
+def test_training_step_invalidates_and_eval_matches_a_fresh_copy():
+    net, x = quantized()
+    with torch.no_grad():
+        before = net(x)
+    net.train()  # BN live: running statistics move in place too
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(x).square().mean().backward()
+    opt.step()
+    assert not quantization_state(net)._model_hooks[0].run.layers, "a forward with autograd frees the kept layers"
+    net.eval()
+    with torch.no_grad():
+        after = net(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh_eval(net, x))
+
+
+@pytest.mark.parametrize("change", ["weight in place", "bn statistics", "load_state_dict", "recalibrate",
+                                    "fake-quant off", "new parameter"])
+def test_every_source_change_is_noticed(change):
+    net, x = quantized()
+    with torch.no_grad():
+        net(x)
+        if change == "weight in place":
+            net.conv2.weight.mul_(1.5)
+        elif change == "bn statistics":
+            net.bn1.running_var.mul_(3.0)
+        elif change == "load_state_dict":
+            other, _ = quantized()
+            other.conv1.weight.add_(0.2)
+            net.load_state_dict(other.state_dict())
+        elif change == "recalibrate":
+            qatkit.calibrate(net, [torch.rand(2, 3, 12, 12) * 4], method="max")
+        elif change == "fake-quant off":
+            for q in quantization_state(net).quantizers.values():
+                q.enable_fake_quant(False)
+        else:
+            net.conv1.weight = nn.Parameter(net.conv1.weight.detach() * 0.5)
+        assert torch.equal(net(x), fresh_eval(net, x))
+
+
+def test_copies_of_a_model_with_kept_layers():
+    net, x = quantized()
+    with torch.no_grad():
+        expected = net(x)
+        copied = copy.deepcopy(net)
+        buffer = io.BytesIO()
+        torch.save(net, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(copied(x), expected) and torch.equal(loaded(x), expected)
