@@ -68,14 +68,18 @@ class Calibrator:
         if x.numel() == 0:
             return
         x = x.detach()
-        # one reduction instead of isfinite().all(): NaN propagates through aminmax and Inf shows as the extreme;
-        # the same extremes then serve the statistics (one pass over x, one host sync)
-        extremes = torch.stack(torch.aminmax(x)).to(torch.float32)
+        extremes = self._observe_fused(x)  # counted already, if finite
+        counted = extremes is not None
+        if not counted:
+            # one reduction instead of isfinite().all(): NaN propagates through aminmax and Inf shows as the
+            # extreme; the same extremes then serve the statistics (one pass over x, one host sync)
+            extremes = torch.stack(torch.aminmax(x)).to(torch.float32)
         if not all(math.isfinite(v) for v in extremes.tolist()):
             n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
             raise CalibrationError(f"observed tensor contains non-finite values ({n_nan} NaN, "
                                    f"{n_inf} Inf of {x.numel()})")
-        self._observe(x.to(torch.float32), extremes)
+        if not counted:
+            self._observe(x.to(torch.float32), extremes)
         self._num_batches += 1
 
     def synchronize(self) -> None:
@@ -133,6 +137,11 @@ class Calibrator:
     # -- subclass hooks ----------------------------------------------------------------
     def _clear(self) -> None:
         raise NotImplementedError
+
+    def _observe_fused(self, x: Tensor) -> Tensor | None:
+        """Accumulate ``x`` and return its ``[min, max]`` in one pass, counting nothing if they are not finite; None
+        where the calibrator has no such pass (then :meth:`_observe` follows the finiteness check)."""
+        return None
 
     def _observe(self, x: Tensor, extremes: Tensor) -> None:
         """Accumulate ``x`` (float32); ``extremes`` = ``[min, max]`` of this rank's ``x`` (not yet reduced)."""
@@ -226,6 +235,9 @@ class _HistogramCalibrator(Calibrator):
 
     def _clear(self) -> None:
         self.hist = Histogram(self.options["bins"], self._absolute())
+
+    def _observe_fused(self, x: Tensor) -> Tensor | None:
+        return self.hist.add_fused(x.reshape(-1))
 
     def _observe(self, x: Tensor, extremes: Tensor) -> None:
         if self.hist.counts is not None:

@@ -5,11 +5,14 @@ Shared by the percentile, MSE and entropy calibrators.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..distributed import reduce_minmax, world_size
 from . import kernels
+from .histogram_kernel import fused_bin_counts
 from .calibration_math import bin_index_math, sq_error_terms
 from .qparams import CalibrationError
 
@@ -104,6 +107,30 @@ class Histogram:
             self.counts[0] += x.numel()
             return
         self.counts += bin_counts(x.float(), self.bins, self.lo, self.hi, self.absolute)
+
+    def add_fused(self, x: Tensor) -> Tensor | None:
+        """Count ``x`` (flat) from one read of it (:mod:`qatkit.quant.histogram_kernel`) and return its ``[min, max]``
+        (float32; NaN if ``x`` holds a NaN, and then nothing is counted); None where that pass does not apply (the
+        first batch, a degenerate range, several processes, not a float32 CPU tensor): then use :meth:`add`.
+
+        The counts and the grown range are those :meth:`add` gives: a batch inside the current range is counted
+        from the same bin index, one beyond it goes through :meth:`add` with the extremes found."""
+        if self.counts is None or not self.hi > self.lo or world_size() > 1 or self.counts.device != x.device:
+            return None
+        out = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)
+        if out is None:
+            return None
+        counts, bmin, bmax, nan = out
+        extremes = torch.tensor([math.nan, math.nan] if nan else [bmin, bmax], dtype=torch.float32)
+        if nan or not (math.isfinite(bmin) and math.isfinite(bmax)):
+            return extremes
+        need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
+        if need_lo < self.lo or need_hi > self.hi:
+            self.add(x, extremes)
+        else:
+            self.min, self.max = min(self.min, bmin), max(self.max, bmax)
+            self.counts += counts.to(torch.float64)
+        return extremes
 
     def _require(self) -> Tensor:
         if self.counts is None:
