@@ -68,10 +68,10 @@ def test_nan_and_inf_are_reported():
 def test_histogram_over_batches_equals_the_previous_path(absolute):
     g = torch.Generator().manual_seed(3)
     batches = [torch.randn(200_000, generator=g) * s + o for s, o in [(1, 0), (0.5, 0.2), (3, -1), (1, 0), (6, 2)]]
+    batches.insert(3, torch.full((1000,), 0.25))  # one value only (inside the range)
     fused, plain = Histogram(2048, absolute), Histogram(2048, absolute)
     for b in batches:
-        if fused.add_fused(b) is None:  # the first batch sets the range: the plain path
-            fused.add(b)
+        assert fused.add_fused(b) is not None
         plain.add(b)
         assert torch.equal(fused.counts, plain.counts)
         assert (fused.lo, fused.hi, fused.min, fused.max) == (plain.lo, plain.hi, plain.min, plain.max)
@@ -80,6 +80,11 @@ def test_histogram_over_batches_equals_the_previous_path(absolute):
 @pytest.mark.parametrize("method", ["mse", "percentile", "entropy"])
 def test_a_nan_batch_raises_and_counts_nothing(method):
     c = make_calibrator(method, qmin=0, qmax=255, symmetric=False)
+    first = torch.rand(100_000)
+    first[5] = float("nan")
+    with pytest.raises(CalibrationError, match="1 NaN"):  # the first batch too
+        c.observe(first)
+    assert c.hist.counts is None and c.num_batches == 0
     c.observe(torch.rand(100_000))
     before = c.hist.counts.clone()
     bad = torch.rand(100_000)
@@ -101,3 +106,33 @@ def test_without_the_kernel_calibration_falls_back(tmp_path, env, warns):
                          env={**os.environ, "QATKIT_CACHE_DIR": str(tmp_path), "PATH": path, **env})
     assert run.stdout.split() == ["True", str(warns)], run.stderr[-2000:]
     assert histogram_kernel.SOURCE.exists()
+
+
+def test_the_sse2_path_gives_the_same_counts():
+    """The kernel picks AVX2 at run time where the CPU has it; QATKIT_HISTOGRAM_SSE2 forces the baseline loop."""
+    code = ("import torch\nfrom qatkit.quant.histogram import bin_counts\n"
+            "from qatkit.quant.histogram_kernel import fused_bin_counts\n"
+            "x = torch.randn(2_000_003, generator=torch.Generator().manual_seed(5))\n"
+            "lo, hi = float(x.min()), float(x.max())\n"
+            "for absolute in (False, True):\n"
+            "    l, h = (0.0, float(x.abs().max())) if absolute else (lo, hi)\n"
+            "    c, mn, mx, nan = fused_bin_counts(x, l, h, 2048, absolute)\n"
+            "    print(torch.equal(c.double(), bin_counts(x, 2048, l, h, absolute)), mn == lo, mx == hi, nan)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "QATKIT_HISTOGRAM_SSE2": "1"})
+    assert run.stdout.split() == ["True", "True", "True", "False"] * 2, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_first_batch_of_one_value_then_growth(absolute):
+    batches = [torch.full((5000,), -0.75), torch.rand(300_000) * 4 - 2, torch.full((10,), 1.5), torch.randn(70_000)]
+    fused, plain = Histogram(512, absolute), Histogram(512, absolute)
+    used = []
+    for b in batches:
+        used.append(fused.add_fused(b) is not None)
+        if not used[-1]:  # a degenerate range (one value so far): the calibrator then calls add()
+            fused.add(b)
+        plain.add(b)
+        assert torch.equal(fused.counts, plain.counts)
+        assert (fused.lo, fused.hi, fused.min, fused.max) == (plain.lo, plain.hi, plain.min, plain.max)
+    assert used == [True, absolute, True, True]  # |x| of one value is the range [0, 0.75]: not degenerate

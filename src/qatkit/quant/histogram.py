@@ -109,15 +109,30 @@ class Histogram:
         self.counts += bin_counts(x.float(), self.bins, self.lo, self.hi, self.absolute)
 
     def add_fused(self, x: Tensor) -> Tensor | None:
-        """Count ``x`` (flat) from one read of it (:mod:`qatkit.quant.histogram_kernel`) and return its ``[min, max]``
-        (float32; NaN if ``x`` holds a NaN, and then nothing is counted); None where that pass does not apply (the
-        first batch, a degenerate range, several processes, not a float32 CPU tensor): then use :meth:`add`.
+        """Count ``x`` (flat) reading it once (:mod:`qatkit.quant.histogram_kernel`; twice for the first batch, whose
+        extremes set the range) and return its ``[min, max]`` (float32; NaN if ``x`` holds a NaN, and then nothing is
+        counted); None where that pass does not apply (several processes, not a float32 CPU tensor, no compiler):
+        then use :meth:`add`.
 
         The counts and the grown range are those :meth:`add` gives: a batch inside the current range is counted
-        from the same bin index, one beyond it goes through :meth:`add` with the extremes found."""
-        if self.counts is None or not self.hi > self.lo or world_size() > 1 or self.counts.device != x.device:
+        from the same bin index, one beyond it (or of one value only) goes through :meth:`add`."""
+        if world_size() > 1 or x.device.type != "cpu" or x.dtype != torch.float32:
             return None
-        out = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)
+        first = self.counts is None
+        if first:
+            extremes = torch.stack(torch.aminmax(x))
+            bmin, bmax = extremes.tolist()
+            need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
+            if not (math.isfinite(bmin) and math.isfinite(bmax)):
+                return extremes
+            if not need_hi > need_lo:
+                self.add(x, extremes)
+                return extremes
+            out = fused_bin_counts(x, need_lo, need_hi, self.bins, self.absolute)
+        elif self.hi > self.lo:
+            out = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)
+        else:
+            return None
         if out is None:
             return None
         counts, bmin, bmax, nan = out
@@ -125,11 +140,15 @@ class Histogram:
         if nan or not (math.isfinite(bmin) and math.isfinite(bmax)):
             return extremes
         need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
-        if need_lo < self.lo or need_hi > self.hi:
+        if first:
+            self.counts = torch.zeros(self.bins, dtype=torch.float64)
+            self.lo, self.hi, self.min, self.max = need_lo, need_hi, bmin, bmax
+        elif need_lo < self.lo or need_hi > self.hi:
             self.add(x, extremes)
+            return extremes
         else:
             self.min, self.max = min(self.min, bmin), max(self.max, bmax)
-            self.counts += counts.to(torch.float64)
+        self.counts += counts.to(torch.float64)
         return extremes
 
     def _require(self) -> Tensor:

@@ -2,7 +2,7 @@
 
 Calibration used to read every observed tensor three times and the bin index four more (``aminmax``, the compiled
 bin index, ``bincount``'s two checks and its count). ``histogram_kernel.c`` does it in one read: the bin index of
-each block of values, vectorized, into a small buffer, counted into four sub-histograms that stay in the L1
+each block of values, vectorized (AVX2 where the CPU has it, else SSE2), into a small buffer, counted into four sub-histograms that stay in the L1
 cache, with the block's min, max and NaN flag. The bin index is histc's float32 arithmetic in histc's order, so the
 counts equal :func:`qatkit.quant.histogram.bin_counts` bit for bit (tests/test_histogram_kernel.py).
 
@@ -135,7 +135,7 @@ def fused_bin_counts(x: torch.Tensor, lo: float, hi: float, bins: int,
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or not hi > lo:
         return None
-    fn = _LIB.load()
+    fn = _LIB.fn if _LIB.tried else _LIB.load()
     if fn is None:
         return None
     n = x.numel()
