@@ -98,11 +98,7 @@ class Histogram:
             self.lo, self.hi, self.min, self.max = need_lo, need_hi, bmin, bmax
         else:
             self.min, self.max = min(self.min, bmin), max(self.max, bmax)
-            if need_lo < self.lo or need_hi > self.hi:
-                width = self.hi - self.lo
-                new_hi = self.hi if need_hi <= self.hi else max(need_hi, self.hi + _GROWTH * width)
-                new_lo = self.lo if need_lo >= self.lo else min(need_lo, self.lo - _GROWTH * width)
-                self._rebin(new_lo, new_hi)
+            self._grow(need_lo, need_hi)
         if self.hi <= self.lo:  # degenerate range: every value equals lo
             self.counts[0] += x.numel()
             return
@@ -114,8 +110,8 @@ class Histogram:
         counted); None where that pass does not apply (several processes, not a float32 CPU tensor, no compiler):
         then use :meth:`add`.
 
-        The counts and the grown range are those :meth:`add` gives: a batch inside the current range is counted
-        from the same bin index, one beyond it (or of one value only) goes through :meth:`add`."""
+        The counts and the grown range are those :meth:`add` gives: the same bin index over the same range (a batch
+        beyond the range is counted again after the range grows)."""
         if world_size() > 1 or x.device.type != "cpu" or x.dtype != torch.float32:
             return None
         first = self.counts is None
@@ -143,13 +139,21 @@ class Histogram:
         if first:
             self.counts = torch.zeros(self.bins, dtype=torch.float64)
             self.lo, self.hi, self.min, self.max = need_lo, need_hi, bmin, bmax
-        elif need_lo < self.lo or need_hi > self.hi:
-            self.add(x, extremes)
-            return extremes
         else:
             self.min, self.max = min(self.min, bmin), max(self.max, bmax)
+            if need_lo < self.lo or need_hi > self.hi:  # beyond the range: grow it, count again over the new one
+                self._grow(need_lo, need_hi)
+                counts = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)[0]
         self.counts += counts.to(torch.float64)
         return extremes
+
+    def _grow(self, need_lo: float, need_hi: float) -> None:
+        """Widen the range to cover ``[need_lo, need_hi]``, by at least 25 % on a side that grows (re-binning)."""
+        if need_lo < self.lo or need_hi > self.hi:
+            width = self.hi - self.lo
+            new_hi = self.hi if need_hi <= self.hi else max(need_hi, self.hi + _GROWTH * width)
+            new_lo = self.lo if need_lo >= self.lo else min(need_lo, self.lo - _GROWTH * width)
+            self._rebin(new_lo, new_hi)
 
     def _require(self) -> Tensor:
         if self.counts is None:

@@ -307,7 +307,11 @@ class SiteExecutor:
                 return y
         if in_key is not None:
             x = self.act(in_key, x)
-        return x * self.act(site.sigmoid, torch.sigmoid(x))
+        s = self.act(site.sigmoid, torch.sigmoid(x))
+        if (not torch.is_grad_enabled() and self.state.tap is None and not torch.compiler.is_compiling()
+                and not torch.onnx.is_in_onnx_export()):
+            return s.mul_(x)  # no autograd: s is this call's own tensor, so the product can take its memory
+        return x * s
 
     def compute(self, site: Site, func: Callable, args, kwargs):
         """A functional op at ``site`` on already quantized inputs: a folded BatchNorm, SiLU as ReLU or decomposed."""
