@@ -117,3 +117,15 @@ def test_copies_of_a_model_with_kept_layers():
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)
         assert torch.equal(copied(x), expected) and torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("recipe", ["onnxruntime", "npu-uint8"])
+def test_forwards_without_autograd_equal_forwards_with_it(recipe):
+    """Kept layers and the SiLU's product written into its sigmoid's tensor change no value."""
+    net, x = quantized(recipe)
+    with_grad = net(x)
+    with torch.no_grad():
+        without = net(x)
+        again = net(x)
+    assert with_grad.requires_grad
+    assert torch.equal(with_grad.detach(), without) and torch.equal(without, again)
