@@ -1,5 +1,6 @@
-"""Quantized weights kept between forwards without autograd (qatkit.runtime.layer_cache): a kept layer gives exactly
-what recomputing gives, and every change of what it is computed from is noticed."""
+"""Quantized weights kept between forwards without autograd inside kept_layers (qatkit.runtime.layer_cache, used by
+calibration, verify and the sensitivity sweep): a kept layer gives exactly what recomputing gives, every change of
+what it is computed from is noticed, and outside the scope nothing is kept."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ from torch import nn
 
 import qatkit
 from qatkit import quantization_state
+from qatkit.runtime.layer_cache import kept_layers
 
 
 class ConvBnNet(nn.Module):
@@ -48,46 +50,66 @@ def weight_scale_versions(net: nn.Module) -> list[int]:
 
 
 def fresh_eval(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The eval output recomputed from scratch (a deep copy starts with an empty cache)."""
+    """The eval output recomputed from scratch (a deep copy, outside any kept_layers scope)."""
     with torch.no_grad():
         return copy.deepcopy(net)(x)
+
+
+def cache_of(net: nn.Module):
+    return quantization_state(net)._model_hooks[0].run.layers
 
 
 @pytest.mark.parametrize("recipe", ["onnxruntime", "tensorrt"])
 def test_repeated_eval_reuses_layers_with_identical_output(recipe):
     net, x = quantized(recipe)
-    with torch.no_grad():
+    with torch.no_grad(), kept_layers(net):
         first = net(x)
         versions = weight_scale_versions(net)
         second = net(x)
         assert weight_scale_versions(net) == versions, "the second forward recomputed the weights"
         with torch.inference_mode():
             third = net(x)
+        assert len(cache_of(net)) == len(versions) > 0  # one per quantized layer
+    assert len(cache_of(net)) == 0, "leaving the scope frees the kept layers"
     assert torch.equal(first, second) and torch.equal(first, third)
     assert torch.equal(first, fresh_eval(net, x))
 
 
-def test_training_step_invalidates_and_eval_matches_a_fresh_copy():
+def test_outside_the_scope_every_forward_computes_its_layers():
+    """A change through .data keeps the parameter's version counter: outside kept_layers it must still be seen."""
     net, x = quantized()
     with torch.no_grad():
         before = net(x)
-    net.train()  # BN live: running statistics move in place too
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    net(x).square().mean().backward()
-    opt.step()
-    assert not quantization_state(net)._model_hooks[0].run.layers, "a forward with autograd frees the kept layers"
-    net.eval()
-    with torch.no_grad():
+        versions = weight_scale_versions(net)
+        net(x)
+        assert weight_scale_versions(net) != versions and len(cache_of(net)) == 0
+        net.conv1.weight.data.mul_(0.5)
         after = net(x)
+    assert not torch.equal(before, after) and torch.equal(after, fresh_eval(net, x))
+
+
+def test_training_step_invalidates_and_eval_matches_a_fresh_copy():
+    net, x = quantized()
+    with kept_layers(net):
+        with torch.no_grad():
+            before = net(x)
+        net.train()  # BN live: running statistics move in place too
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        net(x).square().mean().backward()
+        opt.step()
+        assert len(cache_of(net)) == 0, "a forward with autograd frees the kept layers"
+        net.eval()
+        with torch.no_grad():
+            after = net(x)
     assert not torch.equal(before, after)
     assert torch.equal(after, fresh_eval(net, x))
 
 
 @pytest.mark.parametrize("change", ["weight in place", "bn statistics", "load_state_dict", "recalibrate",
-                                    "fake-quant off", "new parameter"])
+                                    "fake-quant off", "new parameter", "new data", "to float64 and back"])
 def test_every_source_change_is_noticed(change):
     net, x = quantized()
-    with torch.no_grad():
+    with torch.no_grad(), kept_layers(net):
         net(x)
         if change == "weight in place":
             net.conv2.weight.mul_(1.5)
@@ -102,14 +124,20 @@ def test_every_source_change_is_noticed(change):
         elif change == "fake-quant off":
             for q in quantization_state(net).quantizers.values():
                 q.enable_fake_quant(False)
-        else:
+        elif change == "new parameter":
             net.conv1.weight = nn.Parameter(net.conv1.weight.detach() * 0.5)
+        elif change == "new data":  # the same Parameter, its version counter unchanged: caught by the address
+            net.conv2.weight.data = net.conv2.weight.detach() * 0.5
+        else:
+            net.double()
+            net.float()
+            net.conv2.weight.data.mul_(1.0)  # (keeps values: the conversion alone must be noticed)
         assert torch.equal(net(x), fresh_eval(net, x))
 
 
 def test_copies_of_a_model_with_kept_layers():
     net, x = quantized()
-    with torch.no_grad():
+    with torch.no_grad(), kept_layers(net):
         expected = net(x)
         copied = copy.deepcopy(net)
         buffer = io.BytesIO()
@@ -124,7 +152,7 @@ def test_forwards_without_autograd_equal_forwards_with_it(recipe):
     """Kept layers and the SiLU's product written into its sigmoid's tensor change no value."""
     net, x = quantized(recipe)
     with_grad = net(x)
-    with torch.no_grad():
+    with torch.no_grad(), kept_layers(net):
         without = net(x)
         again = net(x)
     assert with_grad.requires_grad

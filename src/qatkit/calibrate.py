@@ -16,6 +16,7 @@ from .errors import DataError, NotCalibratedError, RecipeError
 from .progress import progress_bar
 from .quant.calibrators import CALIBRATORS
 from .quantize import as_inputs, quantization_state
+from .runtime.layer_cache import kept_layers
 
 
 @dataclass
@@ -50,7 +51,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
             q.enable_fake_quant(False)
         for q in acts:
             q.start_observing(method)
-        with torch.no_grad():
+        with torch.no_grad(), kept_layers(model):  # weights do not change here: each layer's is computed once
             total = len(batches) if hasattr(batches, "__len__") else None
             for batch in progress_bar(_together(batches), "calibrate", quiet, total=total):
                 if max_batches is not None and n >= max_batches:

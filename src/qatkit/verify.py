@@ -35,6 +35,7 @@ from .errors import DataError, QatkitError
 from .quant.quantizer import FakeQuantizer
 from .quantize import as_inputs, quantization_state
 from .onnx_graph import constant_values
+from .runtime.layer_cache import kept_layers
 from .runtimes import Predictor, Runtime, open_runtime
 
 STEP_TOLERANCE = 1e-4  # relative slack on "one step" for float rounding in the comparison itself
@@ -198,10 +199,11 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtim
             with tempfile.TemporaryDirectory() as tmp:  # both runtimes hold the model in memory once compiled
                 tapped_path, taps, signed = _tapped_copy(Path(onnx_path), Path(tmp))
                 tapped = open_runtime(tapped_path, runtime, threads=threads, precision=precision)
-        report = _verify(model, plain, tapped, taps, batches, signed)
-        if metric is not None:
-            report.onnx_map = float(metric(plain.predictor()))
-            report.torch_map = float(metric(_torch_predictor(model)))
+        with kept_layers(model):  # weights do not change here: each layer's is quantized once
+            report = _verify(model, plain, tapped, taps, batches, signed)
+            if metric is not None:
+                report.onnx_map = float(metric(plain.predictor()))
+                report.torch_map = float(metric(_torch_predictor(model)))
         return report
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ from ..errors import QatkitError
 from ..plan import is_input_quantizer, quantizer_owner
 from ..progress import progress_bar
 from ..quantize import as_inputs, quantization_state
+from ..runtime.layer_cache import kept_layers
 
 Metric = Callable[[nn.Module], float]
 
@@ -120,23 +121,25 @@ def sensitivity(model: nn.Module, metric: Metric, *, metric_name: str = "metric"
         raise QatkitError(f"sensitivity: no quantizer group {unknown[0]!r} ({len(unknown)} unknown); "
                           "groups are module paths or op keys, as `qatkit inspect` lists the quantizers")
     keys = set().union(*all_groups.values())
-    try:
-        _enable(model, set())
-        report = SensitivityReport(metric(model), 0.0, metric=metric_name)
-        _enable(model, None)
-        report.quantized_metric = metric(model)
-        for name in progress_bar(names, "sensitivity", quiet):
-            mine = set(all_groups[name])
-            _enable(model, mine)
-            only_q = metric(model)
-            _enable(model, keys - mine)
-            report.groups.append(GroupResult(name, len(mine), only_q, metric(model)))
-        report.groups.sort(key=lambda g: g.all_but, reverse=True)
-        if target is not None:
-            report.target = target * report.float_metric if relative else target
-            report.keep_float, report.reached = _budget(model, metric, report, all_groups, keys, requantize, quiet)
-    finally:
-        _enable(model, None)
+    with kept_layers(model):  # the sweep only switches quantizers: each layer's weight follows the switches
+        try:
+            _enable(model, set())
+            report = SensitivityReport(metric(model), 0.0, metric=metric_name)
+            _enable(model, None)
+            report.quantized_metric = metric(model)
+            for name in progress_bar(names, "sensitivity", quiet):
+                mine = set(all_groups[name])
+                _enable(model, mine)
+                only_q = metric(model)
+                _enable(model, keys - mine)
+                report.groups.append(GroupResult(name, len(mine), only_q, metric(model)))
+            report.groups.sort(key=lambda g: g.all_but, reverse=True)
+            if target is not None:
+                report.target = target * report.float_metric if relative else target
+                report.keep_float, report.reached = _budget(model, metric, report, all_groups, keys, requantize,
+                                                            quiet)
+        finally:
+            _enable(model, None)
     return report
 
 

@@ -141,7 +141,7 @@ class SiteExecutor:
         self.state = state
         self._raw: dict[int, _Deferred] = {}  # conv outputs left raw for their SiLU (defer_output), by id
         self.grid = OnGrid()  # fake-quant outputs (and values moved from them) of this forward
-        self.layers = LayerCache()  # quantized weights and biases between forwards without autograd
+        self.layers = LayerCache()  # quantized weights and biases between forwards without autograd (kept_layers)
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it.
@@ -258,8 +258,8 @@ class SiteExecutor:
         raised may have left some behind)."""
         self._raw = {}
         self.grid.clear()
-        if not torch.compiler.is_compiling() and torch.is_grad_enabled() and self.layers:
-            self.layers.clear()  # training: the weights change every step, free the copies
+        if not torch.compiler.is_compiling() and torch.is_grad_enabled() and len(self.layers):
+            self.layers.clear()  # training inside a kept_layers scope: the weights change, free the copies
 
     def end_forward(self) -> None:
         """After the model's forward: every deferred conv output quantizer must have been applied by its SiLU."""
@@ -339,12 +339,14 @@ class SiteExecutor:
 
     def _weighted(self, site: Site, func: Callable, args: list, kwargs: dict):
         """conv/linear with its weight quantized (BatchNorm folded in) and its bias on the int32 grid; without
-        autograd, the result is kept until what it is computed from changes (:mod:`qatkit.runtime.layer_cache`)."""
+        autograd inside :func:`~qatkit.runtime.layer_cache.kept_layers`, the result is kept until what it is
+        computed from changes."""
         bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
         wq = self.state.q(site.weight)
         if site.fold_bn is not None and self.state.bn_live:
             return self._live_fold(site, wq, func, args, kwargs, bias)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        if (torch.compiler.is_compiling() or not self.layers.enabled or torch.is_grad_enabled()
+                or torch.onnx.is_in_onnx_export()):
             args[1], bias = self._weight_and_bias(site, wq, args[1], bias)
         else:
             bn = None if site.fold_bn is None else self.state.module(site.fold_bn)

@@ -8,24 +8,28 @@ their version counters, plus the quantizers' switches. Any in-place change (an o
 calibration) bumps a version, a replaced tensor fails the identity check, and the layer is computed again: a hit
 returns exactly what recomputing would (the same tensors, the same operations).
 
-Forwards that build a graph (training) never use it and empty it, so it holds memory only between training
-phases. Copies of the model (``copy.deepcopy``, pickling) start with an empty cache.
+It is on only inside :func:`kept_layers`, which qatkit's own loops enter (calibration, ``verify``, the sensitivity
+sweep): there nothing changes the weights behind their version counters. Outside, every forward computes its
+layers, because an in-place change made through ``param.data`` (``p.data.clamp_()``, ``p.data = ...``) keeps the
+parameter's version counter and would go unnoticed. Forwards that build a graph never use it; leaving the
+outermost :func:`kept_layers` frees the copies. Copies of the model (``copy.deepcopy``, pickling) start empty.
 
 Example usage::
 
-    cache = LayerCache()
-    hit = cache.get(site, sources, switches)
-    if hit is None:
-        hit = cache.put(site, sources, switches, weight, bias)
+    with kept_layers(model):            # calibration's batch loop, verify, a sensitivity sweep
+        for x in batches:
+            model(x)                    # under torch.no_grad(): each layer's weight quantized once
 """
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
-Stamp = tuple[tuple[weakref.ref | None, int], ...]
+Stamp = tuple[tuple[weakref.ref | None, int, int], ...]
 
 
 def _stamp(sources: Sequence[torch.Tensor | None]) -> Stamp | None:
@@ -33,22 +37,23 @@ def _stamp(sources: Sequence[torch.Tensor | None]) -> Stamp | None:
     out = []
     for t in sources:
         if t is None:
-            out.append((None, 0))
+            out.append((None, 0, 0))
         elif t.is_inference():
             return None
         else:
-            out.append((weakref.ref(t), t._version))
+            out.append((weakref.ref(t), t._version, t.data_ptr()))
     return tuple(out)
 
 
 def _unchanged(stamp: Stamp, sources: Sequence[torch.Tensor | None]) -> bool:
     if len(stamp) != len(sources):
         return False
-    for (ref, version), t in zip(stamp, sources):
+    for (ref, version, address), t in zip(stamp, sources):
         if t is None:
             if ref is not None:
                 return False
-        elif ref is None or ref() is not t or t.is_inference() or t._version != version:
+        elif (ref is None or ref() is not t or t.is_inference() or t._version != version
+              or t.data_ptr() != address):
             return False
     return True
 
@@ -58,6 +63,11 @@ class LayerCache:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[Stamp, tuple, torch.Tensor, torch.Tensor | None]] = {}
+        self.depth = 0  # how many kept_layers scopes are open: the cache is used only while > 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.depth > 0
 
     def get(self, layer: object, sources: Sequence[torch.Tensor | None],
             switches: tuple) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -78,8 +88,8 @@ class LayerCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def __bool__(self) -> bool:
-        return bool(self._entries)
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def __deepcopy__(self, memo) -> "LayerCache":
         return LayerCache()
@@ -88,4 +98,29 @@ class LayerCache:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self._entries = {}
+        self._entries, self.depth = {}, 0
+
+
+@contextmanager
+def kept_layers(model: nn.Module) -> Iterator[None]:
+    """Within, forwards of the qatkit-quantized ``model`` without autograd keep each layer's quantized weight and
+    bias until a tensor they are computed from changes; leaving the outermost scope frees them. A float model: no-op.
+
+    Args:
+        model: a model returned by :func:`qatkit.quantize` (or any module).
+
+    Example:
+        >>> with kept_layers(qm), torch.no_grad():
+        ...     outputs = [qm(x) for x in batches]
+    """
+    state = getattr(model, "_qatkit", None)
+    caches = [hooks.run.layers for hooks in getattr(state, "_model_hooks", [])]
+    for cache in caches:
+        cache.depth += 1
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.depth -= 1
+            if cache.depth == 0:
+                cache.clear()
