@@ -46,9 +46,7 @@ def decompose_softmax(model: onnx.ModelProto) -> int:
     done = 0
     for node in graph.node:
         axis = _inner_axis(node, ranks)
-        quantized = (getattr(producers.get(node.input[0] if node.input else ""), "op_type", None) == "DequantizeLinear"
-                     or any(r.op_type == "QuantizeLinear" for r in readers.get(node.output[0] if node.output else "", [])))
-        if axis is None or quantized:
+        if axis is None or _between_qdq(node, producers, readers):
             nodes.append(node)
             continue
         nodes.extend(_decomposed(graph, node, axis, opset, done))
@@ -57,6 +55,14 @@ def decompose_softmax(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return done
+
+
+def _between_qdq(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+                 readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Whether the node reads a DequantizeLinear or feeds a QuantizeLinear (ORT then fuses a QLinear op)."""
+    source = producers.get(node.input[0]) if node.input else None
+    return (source is not None and source.op_type == "DequantizeLinear") or any(
+        r.op_type == "QuantizeLinear" for r in (readers.get(node.output[0], []) if node.output else []))
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:

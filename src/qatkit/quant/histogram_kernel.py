@@ -1,10 +1,11 @@
 """One pass over an observed tensor for the histogram calibrators: bin counts, extremes and a NaN check together.
 
-Calibration used to read every observed tensor three times and the bin index four more (``aminmax``, the compiled
-bin index, ``bincount``'s two checks and its count). ``histogram_kernel.c`` does it in one read: the bin index of
-each block of values, vectorized (AVX2 where the CPU has it, else SSE2), into a small buffer, counted into four sub-histograms that stay in the L1
-cache, with the block's min, max and NaN flag. The bin index is histc's float32 arithmetic in histc's order, so the
-counts equal :func:`qatkit.quant.histogram.bin_counts` bit for bit (tests/test_histogram_kernel.py).
+Calibration used to read every observed tensor twice (``aminmax``, the compiled bin index), write an int32 bin
+index and read that three times (``bincount``'s two checks and its count). ``histogram_kernel.c`` does it in one
+read: the bin index of each block of values, vectorized (AVX2 where the CPU has it, else SSE2), into a small
+buffer, counted into four sub-histograms that stay in the L1 cache, with the block's min, max and NaN flag. The
+bin index is histc's float32 arithmetic in histc's order, so the counts equal
+:func:`qatkit.quant.histogram.bin_counts` bit for bit (tests/test_histogram_kernel.py).
 
 The C file is compiled once per machine with the system's C compiler (the one inductor's kernels need anyway) into
 a cache folder (``QATKIT_CACHE_DIR``, else ``<tmp>/qatkit-<uid>``), keyed by the source, the compiler and the
