@@ -67,8 +67,8 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
             raise NotCalibratedError(
                 f"{len(silent)} quantizer(s) saw no data during calibration: {', '.join(silent[:10])}"
                 + (" ..." if len(silent) > 10 else "")
-                + ". The batches never reached them (or gave them only empty tensors): calibrate with inputs that take the inference path, "
-                "or keep those layers float with the recipe's 'skip' list"
+                + ". The batches never reached them (or gave them only empty tensors): calibrate with inputs that "
+                "take the inference path, or keep those layers float with the recipe's 'skip' list"
             )
         for q in acts:
             q.stop_observing()
