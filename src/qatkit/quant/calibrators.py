@@ -237,8 +237,6 @@ class _HistogramCalibrator(Calibrator):
         self.hist = Histogram(self.options["bins"], self._absolute())
 
     def _observe_fused(self, x: Tensor) -> Tensor | None:
-        if self.hist.counts is not None and self.hist.counts.device != x.device:
-            return None
         return self.hist.add_fused(x.reshape(-1))
 
     def _observe(self, x: Tensor, extremes: Tensor) -> None:

@@ -92,13 +92,7 @@ class Histogram:
     def add(self, x: Tensor, extremes: Tensor | None = None) -> None:
         """Count ``x``; ``extremes`` = ``[min, max]`` of this rank's ``x`` when the caller has them already."""
         bmin, bmax = _all_ranks(torch.stack(torch.aminmax(x)) if extremes is None else extremes)
-        need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
-        if self.counts is None:
-            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
-            self.lo, self.hi, self.min, self.max = need_lo, need_hi, bmin, bmax
-        else:
-            self.min, self.max = min(self.min, bmin), max(self.max, bmax)
-            self._grow(need_lo, need_hi)
+        self._take_range(bmin, bmax, x.device)
         if self.hi <= self.lo:  # degenerate range: every value equals lo
             self.counts[0] += x.numel()
             return
@@ -107,45 +101,54 @@ class Histogram:
     def add_fused(self, x: Tensor) -> Tensor | None:
         """Count ``x`` (flat) reading it once (:mod:`qatkit.quant.histogram_kernel`; twice for the first batch, whose
         extremes set the range) and return its ``[min, max]`` (float32; NaN if ``x`` holds a NaN, and then nothing is
-        counted); None where that pass does not apply (several processes, not a float32 CPU tensor, no compiler):
-        then use :meth:`add`.
+        counted); None where that pass does not apply (several processes, not a float32 CPU tensor, counts on
+        another device, no compiler): then use :meth:`add`.
 
         The counts and the grown range are those :meth:`add` gives: the same bin index over the same range (a batch
         beyond the range is counted again after the range grows)."""
-        if world_size() > 1 or x.device.type != "cpu" or x.dtype != torch.float32:
+        if (world_size() > 1 or x.device.type != "cpu" or x.dtype != torch.float32
+                or (self.counts is not None and self.counts.device != x.device)):
             return None
-        first = self.counts is None
-        if first:
+        if self.counts is None:  # the first batch: its extremes set the range
             extremes = torch.stack(torch.aminmax(x))
             bmin, bmax = extremes.tolist()
-            need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
             if not (math.isfinite(bmin) and math.isfinite(bmax)):
                 return extremes
-            if not need_hi > need_lo:
+            lo, hi = self._needed(bmin, bmax)
+            if not hi > lo:
                 self.add(x, extremes)
                 return extremes
-            out = fused_bin_counts(x, need_lo, need_hi, self.bins, self.absolute)
         elif self.hi > self.lo:
-            out = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)
+            lo, hi = self.lo, self.hi
         else:
             return None
+        out = fused_bin_counts(x, lo, hi, self.bins, self.absolute)
         if out is None:
             return None
         counts, bmin, bmax, nan = out
         extremes = torch.tensor([math.nan, math.nan] if nan else [bmin, bmax], dtype=torch.float32)
         if nan or not (math.isfinite(bmin) and math.isfinite(bmax)):
             return extremes
-        need_lo, need_hi = (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
-        if first:
-            self.counts = torch.zeros(self.bins, dtype=torch.float64)
+        self._take_range(bmin, bmax, x.device)
+        if (self.lo, self.hi) != (lo, hi):  # the range grew: count again over the new one
+            counts = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)[0]
+        self.counts += counts.to(torch.float64)
+        return extremes
+
+    def _needed(self, bmin: float, bmax: float) -> tuple[float, float]:
+        """The range a batch with these extremes needs: ``[0, max |x|]`` for ``absolute``, else ``[min, max]``."""
+        return (0.0, max(-bmin, bmax)) if self.absolute else (bmin, bmax)
+
+    def _take_range(self, bmin: float, bmax: float, device: torch.device) -> None:
+        """Account for a batch's extremes: the first batch sets the range (and creates the counts), a later one
+        widens it if needed (:meth:`_grow`)."""
+        need_lo, need_hi = self._needed(bmin, bmax)
+        if self.counts is None:
+            self.counts = torch.zeros(self.bins, dtype=torch.float64, device=device)
             self.lo, self.hi, self.min, self.max = need_lo, need_hi, bmin, bmax
         else:
             self.min, self.max = min(self.min, bmin), max(self.max, bmax)
-            if need_lo < self.lo or need_hi > self.hi:  # beyond the range: grow it, count again over the new one
-                self._grow(need_lo, need_hi)
-                counts = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)[0]
-        self.counts += counts.to(torch.float64)
-        return extremes
+            self._grow(need_lo, need_hi)
 
     def _grow(self, need_lo: float, need_hi: float) -> None:
         """Widen the range to cover ``[need_lo, need_hi]``, by at least 25 % on a side that grows (re-binning)."""
