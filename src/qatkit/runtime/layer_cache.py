@@ -2,11 +2,11 @@
 
 In eval, calibration, ``verify`` and sensitivity sweeps a layer's weight is folded with its BatchNorm, its range
 found, fake-quantized and its bias put on the int32 grid at every forward, from tensors that have not changed.
-:class:`LayerCache` keeps each layer's result with a stamp of what it was computed from: weak references to the
-source tensors (weight, bias, the BatchNorm's parameters and statistics, the input scale of the bias grid) with
-their version counters, plus the quantizers' switches. Any in-place change (an optimizer step, ``load_state_dict``,
-calibration) bumps a version, a replaced tensor fails the identity check, and the layer is computed again: a hit
-returns exactly what recomputing would (the same tensors, the same operations).
+:class:`LayerCache` keeps each layer's result with the stamps (:mod:`qatkit.runtime.tensor_stamp`) of what it was
+computed from: the weight, bias, the BatchNorm's parameters and statistics and the input scale of the bias grid,
+plus the quantizers' switches. Any in-place change (an optimizer step, ``load_state_dict``, calibration) bumps a
+version, a replaced tensor fails the identity check, and the layer is computed again: a hit returns exactly what
+recomputing would (the same tensors, the same operations).
 
 It is on only inside :func:`kept_layers`, which qatkit's own loops enter (calibration, ``verify``, the sensitivity
 sweep): there nothing changes the weights behind their version counters. Outside, every forward computes its
@@ -22,47 +22,38 @@ Example usage::
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-Stamp = tuple[tuple[weakref.ref | None, int, int], ...]
+from .tensor_stamp import Stamp, stamp, unchanged
+
+Stamps = tuple[Stamp | None, ...]
 
 
-def _stamp(sources: Sequence[torch.Tensor | None]) -> Stamp | None:
-    """(weak reference, version) of each source; None when one is an inference tensor (no version counter)."""
+def _stamps(sources: Sequence[torch.Tensor | None]) -> Stamps | None:
+    """Each source's stamp (None for an absent source); None when a source is an inference tensor."""
     out = []
     for t in sources:
-        if t is None:
-            out.append((None, 0, 0))
-        elif t.is_inference():
+        s = None if t is None else stamp(t)
+        if t is not None and s is None:
             return None
-        else:
-            out.append((weakref.ref(t), t._version, t.data_ptr()))
+        out.append(s)
     return tuple(out)
 
 
-def _unchanged(stamp: Stamp, sources: Sequence[torch.Tensor | None]) -> bool:
-    if len(stamp) != len(sources):
-        return False
-    for (ref, version, address), t in zip(stamp, sources):
-        if t is None:
-            if ref is not None:
-                return False
-        elif (ref is None or ref() is not t or t.is_inference() or t._version != version
-              or t.data_ptr() != address):
-            return False
-    return True
+def _unchanged(stamps: Stamps, sources: Sequence[torch.Tensor | None]) -> bool:
+    return len(stamps) == len(sources) and all(
+        s is None if t is None else unchanged(s, t) for s, t in zip(stamps, sources))
 
 
 class LayerCache:
     """Per layer: the last quantized (weight, bias) computed without autograd, and the stamp it is valid for."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[Stamp, tuple, torch.Tensor, torch.Tensor | None]] = {}
+        self._entries: dict[int, tuple[Stamps, tuple, torch.Tensor, torch.Tensor | None]] = {}
         self.depth = 0  # how many kept_layers scopes are open: the cache is used only while > 0
 
     @property
@@ -80,9 +71,9 @@ class LayerCache:
     def put(self, layer: object, sources: Sequence[torch.Tensor | None], switches: tuple, weight: torch.Tensor,
             bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Remember (weight, bias) for ``layer``; returns them."""
-        stamp = _stamp(sources)
-        if stamp is not None:
-            self._entries[id(layer)] = (stamp, switches, weight, bias)
+        stamps = _stamps(sources)
+        if stamps is not None:
+            self._entries[id(layer)] = (stamps, switches, weight, bias)
         return weight, bias
 
     def clear(self) -> None:

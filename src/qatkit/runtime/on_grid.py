@@ -5,8 +5,8 @@ A fake-quant output holds values ``(c - zp) * s`` of its quantizer's grid, and v
 ``all_activations`` placement re-applies a quantizer after such ops (ORT wants a Q/DQ pair on every tensor), so in
 eager QAT those re-applications are passes over the data whose output equals their input bit for bit (a code
 ``c`` maps back to ``c``; values in range pass the gradient unchanged). :class:`OnGrid` remembers which tensors are
-on which quantizer's grid (weak references, and the tensor's version counter, so an in-place change is noticed),
-and the run time skips the re-application.
+on which quantizer's grid (:mod:`qatkit.runtime.tensor_stamp`, so an in-place change is noticed), and the run
+time skips the re-application.
 
 Example usage::
 
@@ -17,9 +17,9 @@ Example usage::
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from .tensor_stamp import Stamp, stamp, unchanged
 
 VALUE_PRESERVING = ("shape", "cat")  # site kinds whose outputs hold only values of their inputs
 
@@ -28,19 +28,19 @@ class OnGrid:
     """Which live tensors hold only values on which quantizer's grid (cleared after each forward)."""
 
     def __init__(self) -> None:
-        self._known: dict[int, tuple[weakref.ref, object, int]] = {}
+        self._known: dict[int, tuple[Stamp, object]] = {}
 
     def add(self, t: torch.Tensor, quantizer: object) -> None:
         """``t`` holds only values of ``quantizer``'s grid (a fake-quant output of it, or values moved from one).
         Inference tensors (``torch.inference_mode``) have no version counter: they are not remembered."""
-        if not t.is_inference():
-            self._known[id(t)] = (weakref.ref(t), quantizer, t._version)
+        s = stamp(t)
+        if s is not None:
+            self._known[id(t)] = (s, quantizer)
 
     def holds(self, t: torch.Tensor, quantizer: object) -> bool:
         """Whether ``t`` is known to be on ``quantizer``'s grid and unchanged since."""
         entry = self._known.get(id(t))
-        return (entry is not None and entry[0]() is t and entry[1] is quantizer and not t.is_inference()
-                and entry[2] == t._version)
+        return entry is not None and entry[1] is quantizer and unchanged(entry[0], t)
 
     def clear(self) -> None:
         self._known.clear()
