@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 from ..capture import tensors_of
 from ..errors import QatkitError
 from ..plan import parse_key
+from .execute import SCALARS, flat_tensors
 
 if TYPE_CHECKING:
     from .hooks import ModelHooks
@@ -27,21 +28,12 @@ def reads_float(args, kwargs) -> bool:
 
 
 def count_tensors(args, kwargs) -> int:
-    """How many tensors ``(args, kwargs)`` holds, as capture counts them (pytree leaves), without pytree for
-    arguments that are tensors, scalars or flat lists/tuples."""
-    n = 0
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            n += 1
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor):
-                    n += 1
-                elif isinstance(b, (list, tuple, dict)):
-                    return len(tensors_of((args, kwargs)))
-        elif isinstance(a, dict):
-            return len(tensors_of((args, kwargs)))
-    return n
+    """How many tensors ``(args, kwargs)`` holds, as capture counts them (pytree leaves); the run time's flat fast
+    path (:func:`~qatkit.runtime.execute.flat_tensors`) where the call has the common shape."""
+    leaves = flat_tensors(args) if all(type(v) in SCALARS for v in kwargs.values()) else None
+    if leaves is None:
+        return len(tensors_of((args, kwargs)))
+    return sum(isinstance(t, torch.Tensor) for t in leaves)
 
 
 def check_arity(key: str, expected: int, args, kwargs) -> None:

@@ -36,18 +36,18 @@ def _quantizing(*quantizers: FakeQuantizer) -> bool:
     return all(q.fake_quant_on and q.is_calibrated for q in quantizers)
 
 
-_SCALARS = (int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.memory_format,
+SCALARS = (int, float, bool, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.memory_format,
             torch.layout)  # pytree leaves that are never tensors
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _flat_tensors(args) -> list | None:
+def flat_tensors(args) -> list | None:
     """The leaves of a call's positional arguments, as ``tree_flatten`` orders them, where they are tensors,
     scalars and plain lists/tuples of tensors; None for anything else (the caller then uses ``tree_flatten``)."""
     leaves = []
     for a in args:
         t = type(a)
-        if t in _PLAIN_TENSORS or t in _SCALARS:
+        if t in _PLAIN_TENSORS or t in SCALARS:
             leaves.append(a)
         elif t is list or t is tuple:
             for b in a:
@@ -67,11 +67,11 @@ def _quantize_flat(run: "SiteExecutor", site: Site, tree):
     if len(tree) == 2 and type(tree[0]) is tuple and type(tree[1]) is dict:  # (args, kwargs) of a functional op
         args, kwargs = tree
         for v in kwargs.values():
-            if type(v) not in _SCALARS:
+            if type(v) not in SCALARS:
                 return None
         new = _quantize_flat(run, site, args)
         return None if new is None else (new, kwargs)
-    if _flat_tensors(tree) is None:
+    if flat_tensors(tree) is None:
         return None
     inputs = site.inputs
     out = []
@@ -105,6 +105,12 @@ _METADATA_CALLS = frozenset({"dim", "size", "numel", "nelement", "ndimension", "
                              "is_complex", "is_contiguous", "element_size", "get_device", "__len__"})
 _METADATA_PROPERTIES = frozenset({"shape", "dtype", "device", "requires_grad", "ndim", "layout", "is_cuda", "is_cpu",
                                   "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_meta", "names"})
+
+
+def _eager_without_graph() -> bool:
+    """An eager forward that builds no autograd graph and is not traced (torch.compile, ONNX export): what the
+    run time then computes is used once, so it may reuse memory and kept layers."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
 
 
 def _metadata_only(func: Callable) -> bool:
@@ -166,7 +172,7 @@ class SiteExecutor:
                 or torch.compiler.is_compiling()):
             return None
         q = self.state.q(site.output)
-        leaves = _flat_tensors(args)
+        leaves = flat_tensors(args)
         if leaves is None:
             leaves = tree_flatten(args)[0]
         tensors = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -308,8 +314,7 @@ class SiteExecutor:
         if in_key is not None:
             x = self.act(in_key, x)
         s = self.act(site.sigmoid, torch.sigmoid(x))
-        if (not torch.is_grad_enabled() and self.state.tap is None and not torch.compiler.is_compiling()
-                and not torch.onnx.is_in_onnx_export()):
+        if self.state.tap is None and _eager_without_graph():
             return s.mul_(x)  # no autograd: s is this call's own tensor, so the product can take its memory
         return x * s
 
@@ -345,8 +350,7 @@ class SiteExecutor:
         wq = self.state.q(site.weight)
         if site.fold_bn is not None and self.state.bn_live:
             return self._live_fold(site, wq, func, args, kwargs, bias)
-        if (torch.compiler.is_compiling() or not self.layers.enabled or torch.is_grad_enabled()
-                or torch.onnx.is_in_onnx_export()):
+        if not (_eager_without_graph() and self.layers.enabled):
             args[1], bias = self._weight_and_bias(site, wq, args[1], bias)
         else:
             bn = None if site.fold_bn is None else self.state.module(site.fold_bn)
