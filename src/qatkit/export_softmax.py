@@ -33,9 +33,9 @@ def decompose_softmax(model: onnx.ModelProto) -> int:
         >>> m = onnx.load("model.qdq.onnx"); decompose_softmax(m); onnx.save(m, "model.qdq.onnx")
     """
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        return 0
     graph = model.graph
+    if opset < 13 or not any(node.op_type == "Softmax" for node in graph.node):
+        return 0  # (shape inference over the whole graph only where there is a Softmax to look at)
     ranks = _ranks(model)
     producers = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}

@@ -82,6 +82,7 @@ class _Library:
         self.fn = None
         self.tried = False
         self.pool: ThreadPoolExecutor | None = None
+        self.workers = 0
         self.lock = threading.Lock()
 
     def load(self):
@@ -105,9 +106,13 @@ class _Library:
             self.fn = fn
             return fn
 
-    def executor(self, threads: int) -> ThreadPoolExecutor:
-        if self.pool is None or self.pool._max_workers != threads:
-            self.pool = ThreadPoolExecutor(threads, thread_name_prefix="qatkit-histogram")
+    def executor(self) -> ThreadPoolExecutor:
+        """One pool of torch's thread count (made again only when that changes; the old one is shut down)."""
+        threads = torch.get_num_threads()
+        if self.pool is None or self.workers != threads:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
+            self.pool, self.workers = ThreadPoolExecutor(threads, thread_name_prefix="qatkit-histogram"), threads
         return self.pool
 
 
@@ -154,7 +159,7 @@ def fused_bin_counts(x: torch.Tensor, lo: float, hi: float, bins: int,
         return fn(base + 4 * start, size, lo, hi, bins, int(absolute), counts_at + row * part,
                   extremes_at + 8 * part, nan_at + 4 * part)
 
-    status = [run(0)] if parts == 1 else list(_LIB.executor(parts).map(run, range(parts)))
+    status = [run(0)] if parts == 1 else list(_LIB.executor().map(run, range(parts)))
     if any(status):
         raise MemoryError("qatkit histogram kernel: could not allocate its sub-histograms")
     total = counts[0] if parts == 1 else counts.sum(0)
