@@ -217,7 +217,8 @@ def main() -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"),
                     help="page to write the table into, created if missing ('': only print the table)")
     ap.add_argument("--device", default="cpu", choices=list(MARKERS))
-    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds (at 3, ratios at tiny inputs moved by up to 0.1 between runs)")
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="alternating rounds (at 3, ratios at tiny inputs moved by up to 0.1 between runs)")
     ap.add_argument("--steps", type=int, default=4, help="steps per round (the first of each is dropped)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (0: torch's choice; default 1 on cpu, torch's choice on cuda)")
