@@ -25,6 +25,11 @@ _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386"
 # per tensor, PyTorch's kernel takes ~10 ns an element forward and backward, the compiled one ~2; per channel ~4 vs 1)
 VECTORIZED_MIN_NUMEL = 8192
 PER_CHANNEL_MIN_NUMEL = 16384
+# The weight kernels see a weight as [1, C, K] (C output channels of K values). A size marked unbacked is never
+# specialised, but inductor does not fuse loops over it: with C unbacked too, the forward takes the minima and the
+# maxima in two passes over the weight. So the forward leaves C backed (still one compile, as C >= 2: sizes 0 and 1
+# would specialise).
+_WEIGHT_SIZES_MIN = 2
 
 
 def _unbacked(*tensors: torch.Tensor, dims=(0, 1, 2)) -> None:
@@ -244,20 +249,19 @@ def quantized_silu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 
 
 class _WeightFakeQuantCPU(torch.autograd.Function):
-    """A dynamic per-channel weight quantizer (range, qparams, fake-quant) in one compiled pass, with ``factor``
+    """A dynamic per-channel weight quantizer (range, qparams, fake-quant) in one compiled kernel, with ``factor``
     (or None) multiplied into each output channel first; backward is the fake-quant's (the per-channel kernel of
     :class:`_FakeQuantizeCPU`), and with ``factor`` the product rule in the same pass."""
 
     @staticmethod
     def forward(ctx, weight, factor, qmin, qmax, symmetric):  # noqa: D401 - torch API
         flat = weight.detach().reshape(1, weight.shape[0], -1).detach()
-        _unbacked(flat, dims=(1, 2))
+        _unbacked(flat, dims=(2,))  # see _WEIGHT_SIZES_MIN
         if factor is None:
             y, scale, zp, lo, hi, inv = KERNELS.run("weight", flat, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN)
             ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32))
         else:
             f = factor.detach().reshape(-1).detach()
-            _unbacked(f, dims=(0,))
             y, scale, zp, lo, hi, inv = KERNELS.run("weight_scaled", flat, f, qmin, qmax, symmetric,
                                                     _CAST_OVERFLOW_TO_MIN)
             ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32), f)
@@ -271,9 +275,10 @@ class _WeightFakeQuantCPU(torch.autograd.Function):
             return _FakeQuantizeCPU.backward(ctx, grad)[0], None, None, None, None
         flat, inv, zp, f = ctx.saved_tensors
         g = grad.reshape(flat.shape).detach()
-        _unbacked(g, flat, dims=(1, 2))
+        w = flat.detach()  # (a tensor of its own: flat's sizes are marked otherwise for the forward kernel)
+        _unbacked(g, w, dims=(1, 2))
         _unbacked(f, dims=(0,))
-        gw, gf = KERNELS.run("weight_scaled_backward", g, flat, f, inv, zp, *ctx.grid)
+        gw, gf = KERNELS.run("weight_scaled_backward", g, w, f, inv, zp, *ctx.grid)
         return gw.view(grad.shape), gf, None, None, None
 
 
@@ -295,6 +300,7 @@ def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetri
         >>> y, *_ = fused_weight_fake_quant(torch.randn(64, 32, 3, 3), -64, 63, True, factor=torch.rand(64) + 0.5)
     """
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < PER_CHANNEL_MIN_NUMEL
+            or min(weight.shape[0], weight.numel() // weight.shape[0]) < _WEIGHT_SIZES_MIN
             or torch.compiler.is_compiling()
             or (factor is not None and (factor.dtype != torch.float32 or factor.numel() != weight.shape[0]))):
         return None
