@@ -15,8 +15,8 @@
        gf[c] += g * w                                    (the factor's gradient: float32 products, summed per
                                                           channel in float64, rounded once to float32)
    The same float32 operations in the same order as qatkit.quant.fake_quant_math.weight_scaled_grad, so gw is
-   autograd's bit for bit; gf is at least as accurate as torch's float32 sum (last bits differ). Built without unsafe-math
-   flags and with -ffp-contract=off. */
+   autograd's bit for bit; gf is at least as accurate as torch's float32 sum (last bits differ). Built without
+   unsafe-math flags and with -ffp-contract=off. */
 
 static double channel_scalar(const float *g, const float *w, int64_t n, float fc, float ic, float zc, float qmin,
                              float qmax, int32_t overflow_to_min, float *gw) {
@@ -71,7 +71,8 @@ int qatkit_weight_grad(const float *grad, const float *w, const float *f, const 
         const int64_t at = c * k;
 #if defined(QATKIT_AVX2)
         if (avx2) {
-            gf[c] = (float)channel_avx2(grad + at, w + at, k, f[c], inv[c], zp[c], qmin, qmax, overflow_to_min, gw + at);
+            gf[c] = (float)channel_avx2(grad + at, w + at, k, f[c], inv[c], zp[c], qmin, qmax, overflow_to_min,
+                                        gw + at);
             continue;
         }
 #endif
