@@ -19,7 +19,7 @@ from .calibration_math import bin_index_math, sq_error_terms
 from .fake_quant_math import (fake_quantize_grad, fake_quantize_math, quantized_silu_grad, quantized_silu_in_out_grad,
                               quantized_silu_in_out_math, quantized_silu_math, quantized_silu_out_grad,
                               quantized_silu_out_math, weight_math, weight_scaled_grad, weight_scaled_math)
-from .weight_grad_kernel import fused_weight_grad
+from .weight_kernel import fused_weight_grad
 
 _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
 # Below these sizes PyTorch's kernel is as fast: the compiled kernel's call costs about 25 us forward (one thread;
@@ -29,7 +29,7 @@ PER_CHANNEL_MIN_NUMEL = 16384
 # The weight kernels see a weight as [1, C, K] (C output channels of K values). A size marked unbacked is never
 # specialised, but inductor does not fuse loops over it: with C unbacked too, the forward takes the minima and the
 # maxima in two passes over the weight. So the forward leaves C backed (still one compile, as C >= 2: sizes 0 and 1
-# would specialise). The backward with a BatchNorm factor is a C kernel (qatkit.quant.weight_grad_kernel).
+# would specialise). The backward with a BatchNorm factor is a C kernel (qatkit.quant.weight_kernel).
 _WEIGHT_SIZES_MIN = 2
 
 
@@ -253,7 +253,7 @@ class _WeightFakeQuantCPU(torch.autograd.Function):
     """A dynamic per-channel weight quantizer (range, qparams, fake-quant) in one compiled kernel, with ``factor``
     (or None) multiplied into each output channel first; backward is the fake-quant's (the per-channel kernel of
     :class:`_FakeQuantizeCPU`), and with ``factor`` the product rule in the same pass
-    (:mod:`qatkit.quant.weight_grad_kernel`; the compiled arithmetic where that C kernel is not built)."""
+    (:mod:`qatkit.quant.weight_kernel`; the compiled arithmetic where that C kernel is not built)."""
 
     @staticmethod
     def forward(ctx, weight, factor, qmin, qmax, symmetric):  # noqa: D401 - torch API

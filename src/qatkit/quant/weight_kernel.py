@@ -4,7 +4,7 @@
 the folded weight, times the factor) and the factor's (a sum over each output channel). Inductor compiles it into
 two passes with a temporary the size of the weight (the masked gradient, written, then read back for the sum); with
 the channel sizes left specialisable it fuses them, but recompiles at 4096 values a channel and sums through a
-slower accumulator above that. ``weight_grad_kernel.c`` reads the gradient and the weight once and writes the
+slower accumulator above that. ``weight_kernel.c`` reads the gradient and the weight once and writes the
 weight's gradient once, with the per-channel sum in the same loop (AVX2 where the CPU has it). The weight's
 gradient is autograd's bit for bit; the factor's is a sum in another order (last bits), as the compiled one was.
 
@@ -27,7 +27,7 @@ import torch
 
 from .native import SPLIT_MIN_NUMEL, NativeKernel
 
-SOURCE = Path(__file__).with_name("weight_grad_kernel.c")
+SOURCE = Path(__file__).with_name("weight_kernel.c")
 _LIB = NativeKernel(SOURCE, "qatkit_weight_grad",
                     [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_int64,
                                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],

@@ -1,4 +1,4 @@
-"""The one-pass weight gradient (qatkit.quant.weight_grad_kernel): the weight's gradient equals the arithmetic it
+"""The one-pass weight gradient (qatkit.quant.weight_kernel): the weight's gradient equals the arithmetic it
 replaces (qatkit.quant.fake_quant_math.weight_scaled_grad) bit for bit, edge values included; the BatchNorm
 factor's gradient is at least as close to the exact sum as torch's float32 sum; the weight kernels compile once."""
 import os
@@ -10,7 +10,7 @@ import torch
 
 from qatkit.quant.fake_quant_math import fake_quantize_grad, weight_scaled_grad, weight_scaled_math
 from qatkit.quant.kernels import _CAST_OVERFLOW_TO_MIN, KERNELS
-from qatkit.quant.weight_grad_kernel import fused_weight_grad
+from qatkit.quant.weight_kernel import fused_weight_grad
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_split_between_threads_gives_the_same_gradients():
 
 def test_turned_off_it_returns_none_and_training_uses_the_compiled_path(tmp_path):
     """QATKIT_FUSED_FAKE_QUANT=0: no C kernel (None); the quantizer's weight path still gives its gradients."""
-    code = ("import torch\nfrom qatkit.quant.weight_grad_kernel import fused_weight_grad\n"
+    code = ("import torch\nfrom qatkit.quant.weight_kernel import fused_weight_grad\n"
             "t = torch.ones(1, 2, 8)\n"
             "print(fused_weight_grad(t, t, torch.ones(2), torch.ones(2), torch.zeros(2), -8, 7, True) is None)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

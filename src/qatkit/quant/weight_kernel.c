@@ -6,7 +6,7 @@
 #endif
 
 /* The backward of a weight's per-channel fake-quant with a folded BatchNorm factor, in one pass
-   (qatkit/quant/weight_grad_kernel.py builds and loads this file).
+   (qatkit/quant/weight_kernel.py builds and loads this file).
 
    The forward computed y = fake_quant(w * f) per output channel c (K values each). Here, for every element:
        q  = nearbyint((w * f[c]) * inv[c]) + zp[c]       (an x86 int64 cast turns q >= 2**63 into qmin: q = -inf)
