@@ -1,16 +1,20 @@
-"""The one-pass weight gradient (qatkit.quant.weight_kernel): the weight's gradient equals the arithmetic it
-replaces (qatkit.quant.fake_quant_math.weight_scaled_grad) bit for bit, edge values included; the BatchNorm
-factor's gradient is at least as close to the exact sum as torch's float32 sum; the weight kernels compile once."""
+"""The weight path's C kernels (qatkit.quant.weight_kernel): the fake-quant output and the weight's gradient equal
+the arithmetic they replace (qatkit.quant.fake_quant_math) bit for bit, edge values included; the BatchNorm
+factor's gradient is at least as close to the exact sum as torch's float32 sum; the kept output tensor is written
+again only when nothing holds it; the weight kernels compile once."""
+import copy
 import os
+import pickle
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from qatkit.quant.fake_quant_math import fake_quantize_grad, weight_scaled_grad, weight_scaled_math
+from qatkit.quant.fake_quant_math import (fake_quantize_grad, fake_quantize_math, weight_math, weight_scaled_grad,
+                                          weight_scaled_math)
 from qatkit.quant.kernels import _CAST_OVERFLOW_TO_MIN, KERNELS
-from qatkit.quant.weight_kernel import fused_weight_grad
+from qatkit.quant.weight_kernel import ReusedOutput, fused_weight_fake_quant_into, fused_weight_grad
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -107,3 +111,68 @@ def test_the_weight_kernels_compile_once():
         for shape in [(512, 512, 3, 3), (256, 256), (2, 9000), (17, 17, 9, 9), (1000, 1000), (9000, 2)]:
             assert step(shape), shape
     assert not step((1, 20000))  # one channel: the separate ops (a size of 1 would specialise)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("qmin,qmax,symmetric", [(-127, 127, True), (-8, 7, True), (0, 255, False)])
+def test_forward_bit_for_bit(scaled, qmin, qmax, symmetric):
+    """The C fake-quant pass (given the compiled range and qparams) gives fake_quantize_math's output bit for bit:
+    random weights, NaN, +-inf, codes past 2**63, exact ties, values past the grid, codes at the zero point
+    (+0.0), with and without a factor, on the vector loop and its tail (K = 4099)."""
+    _kernel()
+    g = torch.Generator().manual_seed(qmax)
+    w, f = torch.randn(1, 24, 4099, generator=g), torch.rand(24, generator=g) + 0.5
+    _, scale, zp, _, _, inv = (weight_scaled_math(w, f, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN) if scaled
+                               else weight_math(w, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN))
+    w[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    inv[1] = 1e30  # every code of channel 1 overflows
+    fs = f[2] if scaled else 1.0
+    w[0, 2, :6] = torch.tensor([qmax + 0.5, qmin - 0.5, 2.5, -3.5, 3 * qmax, 3 * qmin]) / inv[2] / fs
+    zpf = zp.to(torch.float32)
+    ref = fake_quantize_math(w * f.view(1, -1, 1) if scaled else w, inv.view(1, -1, 1), scale.view(1, -1, 1),
+                             zpf.view(1, -1, 1), qmin, qmax, _CAST_OVERFLOW_TO_MIN)
+    out = fused_weight_fake_quant_into(w, f if scaled else None, inv, scale, zpf, qmin, qmax, _CAST_OVERFLOW_TO_MIN,
+                                       torch.empty_like(w))
+    assert torch.equal(_bits(out), _bits(ref))
+    assert (ref == 0).any() and not torch.signbit(ref[ref == 0]).any()  # +0.0 at the zero point, as PyTorch's
+
+
+def test_kept_output_is_reused_only_when_free():
+    """A training step writes the quantized weight into the tensor the quantizer kept, but never while an
+    autograd graph still holds the previous one: two forwards before one backward get two tensors, and every
+    gradient equals the separate ops'. A copy or a pickle of the quantizer does not carry the kept tensor."""
+    _kernel()
+    from qatkit.bn_fold import scale_weight
+    from qatkit.quant.quantizer import FakeQuantizer
+    from qatkit.quant.scheme import QuantScheme
+
+    scheme = QuantScheme(bits=8, signed=True, symmetric=True, per_channel=True, axis=0)
+    g = torch.Generator().manual_seed(4)
+    q, plain = FakeQuantizer(scheme, "w", 64, dynamic=True), FakeQuantizer(scheme, "w", 64, dynamic=True)
+    w, f = torch.randn(64, 32, 3, 3, generator=g).requires_grad_(), (torch.rand(64, generator=g) + 0.5)
+    f.requires_grad_()
+    x = torch.randn(2, 32, 8, 8, generator=g)
+
+    def loss(y):
+        return torch.nn.functional.conv2d(x, y).square().mean()
+
+    loss(q.quantize_weight(w, f)).backward()
+    kept = q._weight_out.tensor
+    assert kept is not None
+    w.grad = f.grad = None
+    first, second = q.quantize_weight(w, f), q.quantize_weight(w, f)  # the first's graph still holds its tensor
+    assert first.data_ptr() == kept.data_ptr() and second.data_ptr() != kept.data_ptr()
+    (loss(first) + 2 * loss(second)).backward()
+    ga, fa = w.grad.clone(), f.grad.clone()
+    w.grad = f.grad = None
+    y = plain(scale_weight(w, f))
+    (loss(y) + 2 * loss(plain(scale_weight(w, f)))).backward()
+    assert torch.equal(_bits(first), _bits(y)) and torch.equal(ga, w.grad)
+    assert torch.allclose(fa, f.grad, rtol=1e-5, atol=1e-6)
+    del first, second, y
+    assert q.quantize_weight(w.detach(), f.detach()).data_ptr() == q._weight_out.tensor.data_ptr()  # free again
+    assert copy.deepcopy(q)._weight_out.tensor is None
+    assert pickle.loads(pickle.dumps(q))._weight_out.tensor is None
+    reused = ReusedOutput()
+    with reused.writing(torch.zeros(3)) as a, reused.writing(torch.zeros(3)) as b:  # (as from a second thread)
+        assert a is reused.tensor and b is not a

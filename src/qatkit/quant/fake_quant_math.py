@@ -97,20 +97,31 @@ def quantized_silu_in_out_grad(grad: torch.Tensor, x: torch.Tensor, in_inv: torc
     return fake_quantize_grad(quantized_silu_out_grad(grad, z, *silu_out), x, in_inv, in_zp, in_qmin, in_qmax, False)
 
 
+def weight_qparams_math(w: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
+    """A weight's per-output-channel range and qparams taken from the weight itself, ``w`` as ``[1, C, K]``:
+    (scale, zero point, lo, hi, 1/scale)."""
+    lo, hi = w[0].amin(dim=1), w[0].amax(dim=1)  # (aminmax along a dim is a slow ATen fallback)
+    scale, zp = qparams_of(lo, hi, qmin, qmax, symmetric)
+    return scale, zp, lo, hi, torch.reciprocal(scale)
+
+
+def weight_scaled_qparams_math(w: torch.Tensor, factor: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
+    """:func:`weight_qparams_math` of ``w`` times ``factor`` per output channel (a BatchNorm folded in)."""
+    return weight_qparams_math(w * factor.view(1, -1, 1), qmin, qmax, symmetric)
+
+
 def weight_math(w: torch.Tensor, qmin: int, qmax: int, symmetric: bool, overflow_to_min: bool):
     """A weight's per-output-channel fake-quant with its range taken from the weight itself, ``w`` as
     ``[1, C, K]``: (output, scale, zero point, lo, hi, 1/scale). What
     :class:`qatkit.quant.quantizer.FakeQuantizer` does for a dynamic weight, in one graph."""
-    lo, hi = w[0].amin(dim=1), w[0].amax(dim=1)  # (aminmax along a dim is a slow ATen fallback)
-    scale, zp = qparams_of(lo, hi, qmin, qmax, symmetric)
-    inv = torch.reciprocal(scale)
+    scale, zp, lo, hi, inv = weight_qparams_math(w, qmin, qmax, symmetric)
     y = fake_quantize_math(w, inv.view(1, -1, 1), scale.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32), qmin,
                            qmax, overflow_to_min)
     return y, scale, zp, lo, hi, inv
 
 
 def weight_scaled_math(w: torch.Tensor, factor: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
-                        overflow_to_min: bool):
+                       overflow_to_min: bool):
     """:func:`weight_math` of ``w`` times ``factor`` per output channel (a BatchNorm folded in, in the same pass)."""
     return weight_math(w * factor.view(1, -1, 1), qmin, qmax, symmetric, overflow_to_min)
 

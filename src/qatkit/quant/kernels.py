@@ -18,8 +18,9 @@ from ..errors import QatkitError, QatkitWarning
 from .calibration_math import bin_index_math, sq_error_terms
 from .fake_quant_math import (fake_quantize_grad, fake_quantize_math, quantized_silu_grad, quantized_silu_in_out_grad,
                               quantized_silu_in_out_math, quantized_silu_math, quantized_silu_out_grad,
-                              quantized_silu_out_math, weight_math, weight_scaled_grad, weight_scaled_math)
-from .weight_kernel import fused_weight_grad
+                              quantized_silu_out_math, weight_math, weight_qparams_math, weight_scaled_grad,
+                              weight_scaled_math, weight_scaled_qparams_math)
+from .weight_kernel import ReusedOutput, available, fused_weight_fake_quant_into, fused_weight_grad
 
 _CAST_OVERFLOW_TO_MIN = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # cvttss2si
 # Below these sizes PyTorch's kernel is as fast: the compiled kernel's call costs about 25 us forward (one thread;
@@ -249,24 +250,40 @@ def quantized_silu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return _QuantizedSiLU.apply(x, (scale, zero_point, qmin, qmax), out, inp)
 
 
+def _weight_forward(flat: torch.Tensor, f: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool,
+                    reuse: ReusedOutput | None) -> tuple:
+    """(output, scale, zero point, lo, hi, 1/scale) of a ``[1, C, K]`` weight (times ``f``): into ``reuse``'s
+    tensor by the C kernel where there is one (range and qparams compiled), else in one compiled kernel."""
+    grid = (qmin, qmax, symmetric)
+    if reuse is not None and available():
+        scale, zp, lo, hi, inv = (KERNELS.run("weight_qparams", flat, *grid) if f is None
+                                  else KERNELS.run("weight_scaled_qparams", flat, f, *grid))
+        with reuse.writing(flat) as out:
+            y = fused_weight_fake_quant_into(flat, f, inv, scale, zp.to(torch.float32), qmin, qmax,
+                                             _CAST_OVERFLOW_TO_MIN, out)
+            y = None if y is None else y.view(flat.shape)  # (held before another caller may take the tensor)
+        if y is not None:
+            return y, scale, zp, lo, hi, inv
+    if f is None:
+        return KERNELS.run("weight", flat, *grid, _CAST_OVERFLOW_TO_MIN)
+    return KERNELS.run("weight_scaled", flat, f, *grid, _CAST_OVERFLOW_TO_MIN)
+
+
 class _WeightFakeQuantCPU(torch.autograd.Function):
-    """A dynamic per-channel weight quantizer (range, qparams, fake-quant) in one compiled kernel, with ``factor``
-    (or None) multiplied into each output channel first; backward is the fake-quant's (the per-channel kernel of
-    :class:`_FakeQuantizeCPU`), and with ``factor`` the product rule in the same pass
-    (:mod:`qatkit.quant.weight_kernel`; the compiled arithmetic where that C kernel is not built)."""
+    """A dynamic per-channel weight quantizer (range, qparams, fake-quant) with ``factor`` (or None) multiplied
+    into each output channel first: compiled range and qparams, then the C kernel of
+    :mod:`qatkit.quant.weight_kernel` into a kept output (else one compiled kernel). Backward is the fake-quant's
+    (the per-channel kernel of :class:`_FakeQuantizeCPU`), and with ``factor`` the product rule in the same pass
+    (the C kernel; the compiled arithmetic where it is not built)."""
 
     @staticmethod
-    def forward(ctx, weight, factor, qmin, qmax, symmetric):  # noqa: D401 - torch API
+    def forward(ctx, weight, factor, qmin, qmax, symmetric, reuse):  # noqa: D401 - torch API
         flat = weight.detach().reshape(1, weight.shape[0], -1).detach()
         _unbacked(flat, dims=(2,))  # see _WEIGHT_SIZES_MIN
-        if factor is None:
-            y, scale, zp, lo, hi, inv = KERNELS.run("weight", flat, qmin, qmax, symmetric, _CAST_OVERFLOW_TO_MIN)
-            ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32))
-        else:
-            f = factor.detach().reshape(-1).detach()
-            y, scale, zp, lo, hi, inv = KERNELS.run("weight_scaled", flat, f, qmin, qmax, symmetric,
-                                                    _CAST_OVERFLOW_TO_MIN)
-            ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32), f)
+        f = None if factor is None else factor.detach().reshape(-1).detach()
+        y, scale, zp, lo, hi, inv = _weight_forward(flat, f, qmin, qmax, symmetric, reuse)
+        ctx.save_for_backward(flat, inv.view(1, -1, 1), zp.view(1, -1, 1).to(torch.float32),
+                              *(() if f is None else (f,)))
         ctx.grid = (qmin, qmax, _CAST_OVERFLOW_TO_MIN)
         ctx.mark_non_differentiable(scale, zp, lo, hi)
         return y.view(weight.shape).detach(), scale, zp, lo, hi
@@ -274,21 +291,20 @@ class _WeightFakeQuantCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *_):
         if len(ctx.saved_tensors) == 3:
-            return _FakeQuantizeCPU.backward(ctx, grad)[0], None, None, None, None
+            return _FakeQuantizeCPU.backward(ctx, grad)[0], None, None, None, None, None
         flat, inv, zp, f = ctx.saved_tensors
-        g = grad.reshape(flat.shape).detach()
-        fused = fused_weight_grad(g, flat, f, inv, zp, *ctx.grid)
+        fused = fused_weight_grad(grad, flat, f, inv, zp, *ctx.grid)
         if fused is not None:
-            return fused[0].view(grad.shape), fused[1], None, None, None
-        w = flat.detach()  # (a tensor of its own: flat's sizes are marked otherwise for the forward kernel)
+            return fused[0], fused[1], None, None, None, None
+        g, w = grad.reshape(flat.shape).detach(), flat.detach()  # (w: flat's sizes are marked for the forward)
         _unbacked(g, w, dims=(1, 2))
         _unbacked(f, dims=(0,))
         gw, gf = KERNELS.run("weight_scaled_backward", g, w, f, inv, zp, *ctx.grid)
-        return gw.view(grad.shape), gf, None, None, None
+        return gw.view(grad.shape), gf, None, None, None, None
 
 
 def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
-                            factor: torch.Tensor | None = None):
+                            factor: torch.Tensor | None = None, reuse: ReusedOutput | None = None):
     """A dynamic per-output-channel (axis 0) weight quantizer in one compiled kernel (range, qparams and
     fake-quant; PyTorch's ops bit for bit); None where it does not apply (not float32 CPU, small, inside
     torch.compile, or compiling failed): the caller then runs the separate ops. Returns (output shaped like
@@ -299,6 +315,7 @@ def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetri
         qmin, qmax, symmetric: the quantizer's grid.
         factor: None, or one value per output channel that the weight is multiplied by first, in the same pass (a
             folded BatchNorm's ``gamma / sqrt(running_var + eps)``); it gets its gradient too.
+        reuse: where the output may be written (its tensor kept between calls: no new weight-sized tensor a step).
 
     Example:
         >>> y, scale, zp, lo, hi = fused_weight_fake_quant(torch.randn(64, 32, 3, 3), -64, 63, True)
@@ -312,7 +329,7 @@ def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetri
     KERNELS.ensure()
     if not KERNELS.compiled:
         return None
-    return _WeightFakeQuantCPU.apply(weight, factor, qmin, qmax, symmetric)
+    return _WeightFakeQuantCPU.apply(weight, factor, qmin, qmax, symmetric, reuse)
 
 
 def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -352,5 +369,6 @@ _PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_f
           "silu_out_backward": quantized_silu_out_grad, "silu_in_out_forward": quantized_silu_in_out_math,
           "silu_in_out_backward": quantized_silu_in_out_grad, "weight": weight_math,
           "weight_scaled": weight_scaled_math, "weight_scaled_backward": weight_scaled_grad,
+          "weight_qparams": weight_qparams_math, "weight_scaled_qparams": weight_scaled_qparams_math,
           "bin_index": bin_index_math, "sq_error_terms": sq_error_terms}  # what _Kernels compiles, by name
 KERNELS = _Kernels()  # compiled at first use

@@ -19,6 +19,7 @@ from .calibrators import Calibrator, make_calibrator
 from .kernels import fake_quantize, fused_weight_fake_quant
 from .qparams import CalibrationError, range_to_qparams
 from .scheme import QuantScheme
+from .weight_kernel import ReusedOutput
 
 
 def _onnx_const(g, values: np.ndarray):
@@ -131,6 +132,7 @@ class FakeQuantizer(nn.Module):
         self._calibrated, self._fake_quant_on, self._scale_frozen = dynamic, True, False  # the buffers' mirrors
         self.observer_enabled = False
         self.calibrator: Calibrator | None = None
+        self._weight_out = ReusedOutput()  # the fused weight path's output tensor, kept between steps
 
     # ----------------------------------------------------------------- switches
     def enable_fake_quant(self, enabled: bool = True) -> None:
@@ -260,7 +262,7 @@ class FakeQuantizer(nn.Module):
         s = self.scheme
         if (self.dynamic and s.per_channel and s.axis % weight.ndim == 0 and s.scale_mode != "learned"
                 and not self.observer_enabled and not torch.onnx.is_in_onnx_export() and self._fake_quant_on):
-            fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric, factor)
+            fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric, factor, self._weight_out)
             if fused is not None:
                 y, scale, zp, lo, hi = fused  # (not checked for NaN per step: see set_range)
                 self._store(scale, zp, lo, hi)

@@ -5,10 +5,16 @@
 #define QATKIT_AVX2 1
 #endif
 
-/* The backward of a weight's per-channel fake-quant with a folded BatchNorm factor, in one pass
+/* A weight's per-channel fake-quant with a folded BatchNorm factor, forward and backward, each one pass
    (qatkit/quant/weight_kernel.py builds and loads this file).
 
-   The forward computed y = fake_quant(w * f) per output channel c (K values each). Here, for every element:
+   Forward (the range and qparams come from the caller): for every element of channel c (K values each),
+       q  = nearbyint((w * f[c]) * inv[c]) + zp[c]       (w alone where f is NULL; 2**63 and more: -inf, as below)
+       c' = min(max(q, qmin), qmax)                      (NaN -> qmin, as fmax/fmin in PyTorch's kernels)
+       y  = c' == zp[c] ? 0.0f : (c' - zp[c]) * scale[c]
+   qatkit.quant.fake_quant_math.fake_quantize_math's float32 operations in its order: PyTorch's output bit for bit.
+
+   Backward, for y = fake_quant(w * f):
        q  = nearbyint((w * f[c]) * inv[c]) + zp[c]       (an x86 int64 cast turns q >= 2**63 into qmin: q = -inf)
        g  = grad * (qmin <= q <= qmax ? 1.0f : 0.0f)     (the straight-through mask; NaN compares false)
        gw = g * f[c]                                     (the weight's gradient, written)
@@ -77,6 +83,63 @@ int qatkit_weight_grad(const float *grad, const float *w, const float *f, const 
         }
 #endif
         gf[c] = (float)channel_scalar(grad + at, w + at, k, f[c], inv[c], zp[c], qmin, qmax, overflow_to_min, gw + at);
+    }
+    return 0;
+}
+
+static void forward_scalar(const float *w, int64_t n, float fc, int32_t scaled, float ic, float sc, float zc,
+                           float qmin, float qmax, int32_t overflow_to_min, float *y) {
+    for (int64_t k = 0; k < n; k++) {
+        float x = scaled ? w[k] * fc : w[k];
+        float q = nearbyintf(x * ic) + zc;
+        if (overflow_to_min && q >= 9223372036854775808.0f) q = -INFINITY;
+        float c = q >= qmin ? q : qmin;
+        c = c <= qmax ? c : qmax;
+        y[k] = c == zc ? 0.0f : (c - zc) * sc;
+    }
+}
+
+#if defined(QATKIT_AVX2)
+__attribute__((target("avx2")))
+static void forward_avx2(const float *w, int64_t n, float fc, int32_t scaled, float ic, float sc, float zc,
+                         float qmin, float qmax, int32_t overflow_to_min, float *y) {
+    const __m256 vf = _mm256_set1_ps(fc), vi = _mm256_set1_ps(ic), vs = _mm256_set1_ps(sc), vz = _mm256_set1_ps(zc),
+                 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax), zero = _mm256_setzero_ps(),
+                 big = _mm256_set1_ps(9223372036854775808.0f), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 x = _mm256_loadu_ps(w + k);
+        if (scaled) x = _mm256_mul_ps(x, vf);
+        __m256 q = _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(x, vi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                 vz);
+        if (overflow_to_min) q = _mm256_blendv_ps(q, ninf, _mm256_cmp_ps(q, big, _CMP_GE_OQ));
+        __m256 c = _mm256_blendv_ps(lo, q, _mm256_cmp_ps(q, lo, _CMP_GE_OQ));
+        c = _mm256_blendv_ps(hi, c, _mm256_cmp_ps(c, hi, _CMP_LE_OQ));
+        __m256 v = _mm256_mul_ps(_mm256_sub_ps(c, vz), vs);
+        _mm256_storeu_ps(y + k, _mm256_blendv_ps(v, zero, _mm256_cmp_ps(c, vz, _CMP_EQ_OQ)));
+    }
+    forward_scalar(w + k, n - k, fc, scaled, ic, sc, zc, qmin, qmax, overflow_to_min, y + k);
+}
+#endif
+
+/* Channels [0, channels) of a [channels, k] weight into y; f (NULL: no factor), inv, scale and zp hold one value
+   per channel. Returns 0. */
+int qatkit_weight_fake_quant(const float *w, const float *f, const float *inv, const float *scale, const float *zp,
+                             float qmin, float qmax, int32_t overflow_to_min, int64_t channels, int64_t k,
+                             float *y) {
+#if defined(QATKIT_AVX2)
+    const int avx2 = __builtin_cpu_supports("avx2");
+#endif
+    for (int64_t c = 0; c < channels; c++) {
+        const int64_t at = c * k;
+        const float fc = f ? f[c] : 1.0f;
+#if defined(QATKIT_AVX2)
+        if (avx2) {
+            forward_avx2(w + at, k, fc, f != 0, inv[c], scale[c], zp[c], qmin, qmax, overflow_to_min, y + at);
+            continue;
+        }
+#endif
+        forward_scalar(w + at, k, fc, f != 0, inv[c], scale[c], zp[c], qmin, qmax, overflow_to_min, y + at);
     }
     return 0;
 }
