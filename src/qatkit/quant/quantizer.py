@@ -262,7 +262,8 @@ class FakeQuantizer(nn.Module):
         s = self.scheme
         if (self.dynamic and s.per_channel and s.axis % weight.ndim == 0 and s.scale_mode != "learned"
                 and not self.observer_enabled and not torch.onnx.is_in_onnx_export() and self._fake_quant_on):
-            fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric, factor, self._weight_out)
+            fused = fused_weight_fake_quant(weight, s.qmin, s.qmax, s.symmetric, factor,
+                                            getattr(self, "_weight_out", None))  # (None: pickled before it)
             if fused is not None:
                 y, scale, zp, lo, hi = fused  # (not checked for NaN per step: see set_range)
                 self._store(scale, zp, lo, hi)

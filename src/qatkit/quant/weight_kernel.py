@@ -43,7 +43,7 @@ _GRAD = NativeKernel(SOURCE, "qatkit_weight_grad", _ARGS + [ctypes.c_void_p] * 2
                      "QAT runs the compiled weight kernels instead")
 _FORWARD = NativeKernel(SOURCE, "qatkit_weight_fake_quant", _ARGS + [ctypes.c_void_p],
                         "QAT runs the compiled weight kernels instead")
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # (absent: outputs and gradients are never reused)
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # (absent in a torch: kept outputs never reused)
 
 
 def available() -> bool:
