@@ -73,7 +73,7 @@ def fused_bin_counts(x: torch.Tensor, lo: float, hi: float, bins: int,
         return fn(base + 4 * start, size, lo, hi, bins, int(absolute), counts_at + row * part,
                   extremes_at + 8 * part, nan_at + 4 * part)
 
-    status = [run(0)] if parts == 1 else list(_LIB.executor().map(run, range(parts)))
+    status = _LIB.run_parts(run, parts)
     if any(status):
         raise MemoryError("qatkit histogram kernel: could not allocate its sub-histograms")
     total = counts[0] if parts == 1 else counts.sum(0)

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -129,3 +130,11 @@ class NativeKernel:
             self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"qatkit-{self.source.stem}")
             self.workers = threads
         return self.pool
+
+    def run_parts(self, part: Callable[[int], int], parts: int) -> list[int]:
+        """``part(i)`` for ``i`` in ``range(parts)``: the first in the calling thread, the others in the pool
+        (ctypes releases the GIL, so they run at once). Returns their results in order."""
+        if parts == 1:
+            return [part(0)]
+        futures = [self.executor().submit(part, i) for i in range(1, parts)]
+        return [part(0)] + [f.result() for f in futures]

@@ -122,10 +122,7 @@ def _run(fn, channels: int, k: int, inputs: list[int], rows_in: int, outputs: li
         n = max(0, min(channels, c0 + step) - c0)
         return fn(*shift(inputs, rows_in, c0), *scalars, n, k, *shift(outputs, rows_out, c0))
 
-    if parts == 1:
-        part(0)
-    else:
-        list(_FORWARD.executor().map(part, range(parts)))
+    _FORWARD.run_parts(part, parts)
 
 
 def _sizes(weight: torch.Tensor, channels: int, *tensors: torch.Tensor) -> int | None:
