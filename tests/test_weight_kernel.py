@@ -61,8 +61,8 @@ def test_weight_gradient_bit_for_bit_and_factor_gradient_accurate(channels, k, q
     assert err.max() <= max(float(err_torch.max()), 2 ** -23)
 
 
-def test_split_between_threads_gives_the_same_gradients():
-    """A weight large enough to be split between torch's threads gives what one thread gives, bit for bit."""
+def test_thread_count_does_not_change_the_gradients():
+    """A large weight gives the same gradients, bit for bit, whatever torch's thread count."""
     _kernel()
     args = (*_case(1024, 2304, -127, 127, True, 3), -127, 127, _CAST_OVERFLOW_TO_MIN)
     threads = torch.get_num_threads()

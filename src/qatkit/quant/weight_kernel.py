@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .native import SPLIT_MIN_NUMEL, NativeKernel
+from .native import NativeKernel
 
 SOURCE = Path(__file__).with_name("weight_kernel.c")
 _ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_float, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64]
@@ -105,24 +105,14 @@ class ReusedOutput:
         self.__init__()
 
 
-def _run(fn, channels: int, k: int, inputs: list[int], rows_in: int, outputs: list[int], rows_out: int,
+def _run(fn, channels: int, k: int, inputs: list[torch.Tensor | None], outputs: list[torch.Tensor],
          scalars: tuple) -> None:
-    """``fn(*inputs, *scalars, channels, k, *outputs)`` over channels ``[0, channels)``, split between torch's
-    threads for large weights (ctypes releases the GIL). ``inputs`` and ``outputs`` are addresses of float32
-    tensors, the first ``rows_in``/``rows_out`` of each weight-sized (``[channels, k]``), the rest one value per
-    channel (0: NULL)."""
-    parts = max(1, min(torch.get_num_threads(), channels * k // SPLIT_MIN_NUMEL, channels))
-    step = -(-channels // parts)
-
-    def shift(addresses: list[int], rows: int, c0: int) -> list[int | None]:
-        return [(a + 4 * c0 * (k if i < rows else 1)) if a else None for i, a in enumerate(addresses)]
-
-    def part(i: int) -> int:
-        c0 = i * step
-        n = max(0, min(channels, c0 + step) - c0)
-        return fn(*shift(inputs, rows_in, c0), *scalars, n, k, *shift(outputs, rows_out, c0))
-
-    _FORWARD.run_parts(part, parts)
+    """``fn(*inputs, *scalars, channels, k, *outputs)`` on the tensors' addresses (None: NULL), in the calling
+    thread. Not split between threads: with torch's OpenMP threads still spinning after their last parallel
+    region, a second thread made the weight path slower on the 2-core development machine (resnet18's 18 fused
+    weights, forward and backward, at 2 threads: 21.1 ms split at 64 k values, 16.1 ms not split)."""
+    fn(*(None if t is None else t.data_ptr() for t in inputs), *scalars, channels, k,
+       *(t.data_ptr() for t in outputs))
 
 
 def _sizes(weight: torch.Tensor, channels: int, *tensors: torch.Tensor) -> int | None:
@@ -163,8 +153,7 @@ def fused_weight_fake_quant_into(weight: torch.Tensor, factor: torch.Tensor | No
     if k is None or fn is None or not (weight.is_contiguous() and out.is_contiguous()):
         return None
     ins = [weight] + [t if t is None else t.contiguous() for t in (factor, inv, scale, zp)]
-    _run(fn, channels, k, [0 if t is None else t.data_ptr() for t in ins], 1, [out.data_ptr()], 1,
-         (float(qmin), float(qmax), int(overflow_to_min)))
+    _run(fn, channels, k, ins, [out], (float(qmin), float(qmax), int(overflow_to_min)))
     return out
 
 
@@ -197,6 +186,5 @@ def fused_weight_grad(grad: torch.Tensor, weight: torch.Tensor, factor: torch.Te
         return None
     grad, weight, factor, inv, zp = (t.contiguous() for t in (grad, weight, factor, inv, zp))
     gw, gf = torch.empty_like(grad), torch.empty(channels, dtype=torch.float32)
-    _run(fn, channels, k, [t.data_ptr() for t in (grad, weight, factor, inv, zp)], 2,
-         [gw.data_ptr(), gf.data_ptr()], 1, (float(qmin), float(qmax), int(overflow_to_min)))
+    _run(fn, channels, k, [grad, weight, factor, inv, zp], [gw, gf], (float(qmin), float(qmax), int(overflow_to_min)))
     return gw, gf
