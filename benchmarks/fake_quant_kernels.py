@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from doc_block import write_block
-from qatkit.quant.kernels import _fake_quantize_cpu, fused_weight_fake_quant, quantized_silu
+from qatkit.quant.kernels import _fake_quantize_cpu, fused_weight_fake_quant
+from qatkit.quant.silu_kernel import quantized_silu
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- kernels:begin -->", "<!-- kernels:end -->"

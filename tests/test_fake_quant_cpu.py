@@ -173,7 +173,7 @@ def test_output_can_be_modified_in_place():
 
 def test_fused_silu_matches_separate_ops(path):
     """``x * fq(sigmoid(x))`` fused gives the separate ops' output and gradient (to float32 rounding)."""
-    from qatkit.quant.kernels import quantized_silu
+    from qatkit.quant.silu_kernel import quantized_silu
 
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 16, 24, 24, generator=g) * 4).requires_grad_()
@@ -194,7 +194,8 @@ def test_fused_silu_with_its_quantizers_equals_the_separate_kernels(path, with_i
     """The SiLU output's quantizer (and its input's) applied inside the fused SiLU kernel gives, bit for bit, the
     input's fake-quant, the fused SiLU and the output's fake-quant run one after the other (output and gradient),
     including values clipped at both ends of the output grid."""
-    from qatkit.quant.kernels import fake_quantize, quantized_silu
+    from qatkit.quant.kernels import fake_quantize
+    from qatkit.quant.silu_kernel import quantized_silu
 
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(4, 16, 24, 24, generator=g) * 4).requires_grad_()

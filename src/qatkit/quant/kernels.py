@@ -190,66 +190,6 @@ def _traced(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis
                                      _CAST_OVERFLOW_TO_MIN)
 
 
-def _grid(q: tuple | None) -> tuple:
-    """A per-tensor grid ``(scale, zero_point, qmin, qmax)`` as the kernels take it: ``(1/s, s, zp as float32,
-    qmin, qmax)``."""
-    scale = q[0].reshape(())
-    return torch.reciprocal(scale), scale, q[1].reshape(()).to(torch.float32), q[2], q[3]
-
-
-class _QuantizedSiLU(torch.autograd.Function):
-    """``x * fake_quant(sigmoid(x))`` in one pass forward and one backward (the separate ops make four tensors
-    and read them back in backward); with ``out``, the SiLU output's quantizer in the same pass, and with ``inp``
-    as well, the quantizer of the SiLU's input (``out`` and ``inp``: ``(scale, zero_point, qmin, qmax)``).
-    Per-tensor grids, float32 CPU."""
-
-    @staticmethod
-    def forward(ctx, x, sig, out, inp):  # noqa: D401 - torch API
-        flat = x.detach().reshape(-1).detach()
-        grids = [g for g in (inp, sig, out) if g is not None]  # (inp is only given with out)
-        args = [a for g in grids for a in _grid(g)]
-        ctx.kind = ("silu", "silu_out", "silu_in_out")[len(grids) - 1]
-        ctx.grids = args
-        ctx.save_for_backward(flat)
-        return KERNELS.run(f"{ctx.kind}_forward", flat, *args).view(x.shape).detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (flat,) = ctx.saved_tensors
-        args = list(ctx.grids)
-        if ctx.kind != "silu":
-            del args[-4]  # the output quantizer's scale: its straight-through mask reads only 1/s
-        dx = KERNELS.run(f"{ctx.kind}_backward", grad.reshape(-1).detach(), flat, *args)
-        return dx.view(grad.shape), None, None, None
-
-
-def quantized_silu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                   out: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
-                   inp: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> torch.Tensor | None:
-    """``x * fake_quantize(sigmoid(x))`` fused, for training on float32 CPU tensors of 8192 elements or more; None
-    elsewhere (the caller then runs the separate ops). Forward and gradient equal the separate ops' up to float32
-    rounding (the compiled sigmoid may differ from PyTorch's by an ulp).
-
-    Args:
-        x: the SiLU's input.
-        scale, zero_point, qmin, qmax: the sigmoid's per-tensor quantizer.
-        out: the SiLU output's per-tensor quantizer as ``(scale, zero_point, qmin, qmax)``, applied in the same
-            pass (one tensor fewer written and read back, forward and backward); None: the output stays float.
-        inp: with ``out``, the per-tensor quantizer of ``x`` itself (``x`` is then the raw conv output), applied
-            first in the same pass.
-
-    Example:
-        >>> y = quantized_silu(torch.randn(2, 8, 32, 32), torch.tensor(1 / 255), torch.tensor(0), 0, 255)
-        >>> y = quantized_silu(torch.randn(2, 8, 32, 32), torch.tensor(1 / 255), torch.tensor(0), 0, 255,
-        ...                    out=(torch.tensor(0.02), torch.tensor(14), 0, 255))
-    """
-    if (not _vectorizable(x, scale) or scale.numel() != 1 or torch.compiler.is_compiling()
-            or any(g is not None and g[0].numel() != 1 for g in (out, inp)) or (inp is not None and out is None)):
-        return None
-    KERNELS.ensure()
-    return _QuantizedSiLU.apply(x, (scale, zero_point, qmin, qmax), out, inp)
-
-
 def _weight_forward(flat: torch.Tensor, f: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool,
                     reuse: ReusedOutput | None) -> tuple:
     """(output, scale, zero point, lo, hi, 1/scale) of a ``[1, C, K]`` weight (times ``f``): into ``reuse``'s

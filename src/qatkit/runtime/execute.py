@@ -11,7 +11,7 @@ from ..bn_fold import bn_scale, fold_bias, unscale_output
 from ..errors import QatkitError
 from ..plan import Site
 from ..quant import kernels
-from ..quant.kernels import quantized_silu
+from ..quant.silu_kernel import quantized_silu
 from ..quant.quantizer import FakeQuantizer, quantize_bias
 from ..tracing import func_name
 from .layer_cache import LayerCache
