@@ -8,9 +8,17 @@ Example:
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
+from .fake_quant_math import fake_quantize_math
 from .kernels import KERNELS, _vectorizable
+from .lut_kernel import MAX_CODES, lookup
+
+TABLE_MIN_NUMEL = 1 << 16  # below this the table's set-up (when its grids change) costs more than it saves
+_TABLES: OrderedDict[tuple, torch.Tensor | None] = OrderedDict()  # by the grids' values; None: no exact table
+_TABLES_KEPT = 1024
 
 
 def _grid(q: tuple | None) -> tuple:
@@ -18,6 +26,38 @@ def _grid(q: tuple | None) -> tuple:
     qmin, qmax)``."""
     scale = q[0].reshape(())
     return torch.reciprocal(scale), scale, q[1].reshape(()).to(torch.float32), q[2], q[3]
+
+
+def _table(args: list) -> torch.Tensor | None:
+    """The SiLU chain with its input quantizer (``silu_in_out``) at every code of that quantizer's grid, or None
+    where a grid value would not be its own fake-quant (then a table would not be exact). Kept by the grids'
+    values: with fixed scales, QAT builds each SiLU's table once."""
+    inv, scale, zp, qmin, qmax = args[:5]
+    key = tuple(v.item() if isinstance(v, torch.Tensor) else v for v in args)
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    codes = torch.arange(qmin, qmax + 1, dtype=torch.float32)
+    grid = torch.where(codes == zp, 0.0, (codes - zp) * scale)  # what the input's fake-quant gives for each code
+    on_grid = torch.equal(fake_quantize_math(grid, inv, scale, zp, qmin, qmax, False).view(torch.int32),
+                          grid.view(torch.int32))
+    table = KERNELS.run("silu_in_out_forward", grid, *args) if on_grid else None
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table
+
+
+def _by_table(flat: torch.Tensor, args: list) -> torch.Tensor | None:
+    """``silu_in_out``'s forward on ``flat`` as a lookup of its input code (:mod:`qatkit.quant.lut_kernel`): the
+    per-element kernel's output bit for bit; None where that does not apply."""
+    qmin, qmax = args[3], args[4]
+    if flat.numel() < TABLE_MIN_NUMEL or qmax - qmin + 1 > MAX_CODES:
+        return None
+    table = _table(args)
+    if table is None:
+        return None
+    return lookup(flat, args[0].item(), args[2].item(), float(qmin), float(qmax), table)
 
 
 class _QuantizedSiLU(torch.autograd.Function):
@@ -34,7 +74,10 @@ class _QuantizedSiLU(torch.autograd.Function):
         ctx.kind = ("silu", "silu_out", "silu_in_out")[len(grids) - 1]
         ctx.grids = args
         ctx.save_for_backward(flat)
-        return KERNELS.run(f"{ctx.kind}_forward", flat, *args).view(x.shape).detach()
+        y = _by_table(flat, args) if ctx.kind == "silu_in_out" else None
+        if y is None:
+            y = KERNELS.run(f"{ctx.kind}_forward", flat, *args)
+        return y.view(x.shape).detach()
 
     @staticmethod
     def backward(ctx, grad):
