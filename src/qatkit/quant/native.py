@@ -1,7 +1,8 @@
 """qatkit's C kernels: built once per machine with the system C compiler, loaded with ctypes.
 
 A kernel that inductor does not generate well (a histogram with per-thread bins, a weight gradient with its
-per-channel sum in the same pass) is a small C file next to the module that calls it. It is compiled once per
+per-channel sum in the same pass, a table lookup by a quantized input's code) is a small C file next to the module
+that calls it. It is compiled once per
 machine with the system's C compiler (the one inductor's kernels need anyway) into a cache folder
 (``QATKIT_CACHE_DIR``, else ``<tmp>/qatkit-<uid>``), keyed by the source, the compiler, the flags and the platform,
 and loaded with ctypes, which releases the GIL during the call: large tensors can be split between torch's threads
