@@ -176,3 +176,22 @@ def test_kept_output_is_reused_only_when_free():
     reused = ReusedOutput()
     with reused.writing(torch.zeros(3)) as a, reused.writing(torch.zeros(3)) as b:  # (as from a second thread)
         assert a is reused.tensor and b is not a
+
+
+def test_kept_output_follows_inference_mode():
+    """A kept tensor made under torch.inference_mode is not reused by a training forward (autograd cannot save an
+    inference tensor), nor a normal one under inference mode: the model trains after an inference-mode eval."""
+    _kernel()
+    from qatkit.quant.quantizer import FakeQuantizer
+    from qatkit.quant.scheme import QuantScheme
+
+    q = FakeQuantizer(QuantScheme(bits=8, signed=True, symmetric=True, per_channel=True, axis=0), "w", 64,
+                      dynamic=True)
+    w, f = torch.randn(64, 32, 3, 3).requires_grad_(), (torch.rand(64) + 0.5).requires_grad_()
+    x = torch.randn(2, 32, 8, 8)
+    with torch.inference_mode():
+        assert q.quantize_weight(w, f).is_inference() and q._weight_out.tensor.is_inference()
+    torch.nn.functional.conv2d(x, q.quantize_weight(w, f)).sum().backward()
+    assert w.grad is not None and f.grad is not None and not q._weight_out.tensor.is_inference()
+    with torch.inference_mode():
+        assert q.quantize_weight(w, f).is_inference()

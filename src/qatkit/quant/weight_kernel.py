@@ -87,9 +87,10 @@ class ReusedOutput:
         try:
             t = self.tensor
             if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device or \
-                    not _alone(t):
+                    t.is_inference() != torch.is_inference_mode_enabled() or not _alone(t):
+                # (an inference-mode tensor cannot be saved for backward, nor a normal one kept by inference mode)
                 t = self.tensor = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-            else:
+            elif not t.is_inference():
                 torch.autograd.graph.increment_version(t)  # written again: an alias autograd kept would say so
             yield t
         finally:
