@@ -275,3 +275,23 @@ def test_unknown_switch_value_is_an_error(value, monkeypatch):
     k = _Kernels()
     k.ensure()
     assert not k.compiled
+
+
+def test_second_order_gradients_through_the_fused_kernels_raise():
+    """create_graph=True through a fused CPU kernel says it is unsupported (its backward runs outside autograd)
+    instead of leaving the second-order terms silently out; first-order gradients are unaffected."""
+    from qatkit.errors import QatkitError
+    from qatkit.quant.quantizer import FakeQuantizer
+    from qatkit.quant.scheme import QuantScheme
+
+    x = torch.randn(4, 8, 32, 32, requires_grad=True)
+    y = _fake_quantize_cpu(x, torch.tensor(0.05), torch.tensor(3, dtype=torch.int32), None, 0, 255)
+    with pytest.raises(QatkitError, match="create_graph"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    q = FakeQuantizer(QuantScheme(bits=8, signed=True, symmetric=True, per_channel=True, axis=0), "w", 64,
+                      dynamic=True)
+    w = torch.randn(64, 32, 3, 3, requires_grad=True)
+    with pytest.raises(QatkitError, match="create_graph"):
+        torch.autograd.grad(q.quantize_weight(w, torch.rand(64) + 0.5).square().sum(), w, create_graph=True)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    assert g.shape == x.shape

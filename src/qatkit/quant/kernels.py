@@ -41,6 +41,15 @@ def _unbacked(*tensors: torch.Tensor, dims=(0, 1, 2)) -> None:
             torch._dynamo.decorators.mark_unbacked(t, dim)
 
 
+def first_order_only(what: str) -> None:
+    """Raise if autograd is recording a backward (``create_graph=True``): the fused CPU kernels compute their
+    gradient outside autograd, so its own gradient (a second-order term) would be silently missing."""
+    if torch.is_grad_enabled():
+        raise QatkitError(f"second-order gradients (create_graph=True) through qatkit's fused CPU {what} are not "
+                          "supported: their backward is computed outside autograd, so those terms would be missing. "
+                          "Compute the gradient without create_graph, or on a GPU (PyTorch's fake-quant ops)")
+
+
 def _without_modes(fn, args: tuple):
     """``fn(*args)`` with no torch-function mode active: qatkit's run time calls quantizers inside its own mode,
     which a compiled kernel would otherwise trace into (and guard on, compiling twice)."""
@@ -155,6 +164,7 @@ class _FakeQuantizeCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        first_order_only("fake-quant kernels")
         flat, inv, zp = ctx.saved_tensors
         g = grad.reshape(flat.shape).detach()
         if KERNELS.compiled and flat.ndim == 3:
@@ -230,6 +240,7 @@ class _WeightFakeQuantCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, *_):
+        first_order_only("weight fake-quant kernels")
         if len(ctx.saved_tensors) == 3:
             return _FakeQuantizeCPU.backward(ctx, grad)[0], None, None, None, None, None
         flat, inv, zp, f = ctx.saved_tensors

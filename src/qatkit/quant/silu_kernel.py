@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 
 from .fake_quant_math import fake_quantize_math
-from .kernels import KERNELS, _vectorizable
+from .kernels import KERNELS, _vectorizable, first_order_only
 from .lut_kernel import MAX_CODES, lookup
 
 TABLE_MIN_NUMEL = 1 << 16  # below this the table's set-up (when its grids change) costs more than it saves
@@ -81,6 +81,7 @@ class _QuantizedSiLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        first_order_only("quantized SiLU kernel")
         (flat,) = ctx.saved_tensors
         args = list(ctx.grids)
         if ctx.kind != "silu":
