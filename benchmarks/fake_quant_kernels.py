@@ -68,7 +68,8 @@ def rows(runs: int) -> list[tuple[str, float, float]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"),
+                    help="the page whose block gets the table ('' to print only)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
     args = ap.parse_args()
@@ -78,9 +79,11 @@ def main() -> int:
     lines += [f"| {name} | {a:.2f} | {b:.2f} | {a / b:.1f}x |" for name, a, b in rows(args.runs)]
     print("\n".join(lines))
     command = "python " + " ".join(["benchmarks/fake_quant_kernels.py", *sys.argv[1:]])
-    write_block(Path(args.doc), BEGIN, END, [f"Command: `{command}`; {torch.get_num_threads()} torch thread(s), "
-                                             f"torch {torch.__version__}; forward + backward, median of {args.runs}.",
-                                             "", *lines], "## Fake-quant kernels (`benchmarks/fake_quant_kernels.py`)")
+    if args.doc:
+        header = (f"Command: `{command}`; {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
+                  f"forward + backward, median of {args.runs}.")
+        write_block(Path(args.doc), BEGIN, END, [header, "", *lines],
+                    "## Fake-quant kernels (`benchmarks/fake_quant_kernels.py`)")
     return 0
 
 

@@ -74,7 +74,8 @@ def qdq_left(path: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"),
+                    help="the page whose block gets the table ('' to print only)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
@@ -95,9 +96,11 @@ def main() -> int:
                              f"({ms['fp32'] / ms['qatkit']:.2f}x) | {left} |")
                 print(lines[-1], flush=True)
     command = "python " + " ".join(["benchmarks/ort_vs_quantize_static.py", *sys.argv[1:]])
-    write_block(Path(args.doc), BEGIN, END, [f"Command: `{command}`. CPU flags: {cpu_flags()}; batch 1, median of "
-                                             f"{args.rounds} alternating rounds of {args.runs} runs.", "", *lines],
-                "## ORT int8 latency vs quantize_static (`benchmarks/ort_vs_quantize_static.py`)")
+    if args.doc:
+        header = (f"Command: `{command}`. CPU flags: {cpu_flags()}; batch 1, median of {args.rounds} alternating "
+                  f"rounds of {args.runs} runs.")
+        write_block(Path(args.doc), BEGIN, END, [header, "", *lines],
+                    "## ORT int8 latency vs quantize_static (`benchmarks/ort_vs_quantize_static.py`)")
     return 0
 
 
