@@ -34,8 +34,13 @@ def fake_quantize_math(x: torch.Tensor, inv_scale: torch.Tensor, scale: torch.Te
     q = codes(x, inv_scale, zp, overflow_to_min)
     c = torch.where(q >= qmin, q, qmin)  # fmax: NaN -> qmin
     c = torch.where(c <= qmax, c, qmax)
-    # the kernels subtract in integers, so a code at the zero point is +0.0; a compiled graph that knows zp is 0
-    # (symmetric weights) drops the subtraction and would keep round()'s -0.0
+    return grid_values(c, scale, zp)
+
+
+def grid_values(c: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """The values of codes ``c`` (float32, already clamped to the grid): ``(c - zp) * s``, as the kernels give
+    them. The kernels subtract in integers, so a code at the zero point is +0.0; a compiled graph that knows zp is
+    0 (symmetric weights) drops the subtraction and would keep round()'s -0.0."""
     return torch.where(c == zp, 0.0, (c - zp) * scale)
 
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from .fake_quant_math import fake_quantize_math
+from .fake_quant_math import fake_quantize_math, grid_values
 from .kernels import KERNELS, _vectorizable, first_order_only
 from .lut_kernel import MAX_CODES, lookup
 
@@ -28,17 +28,15 @@ def _grid(q: tuple | None) -> tuple:
     return torch.reciprocal(scale), scale, q[1].reshape(()).to(torch.float32), q[2], q[3]
 
 
-def _table(args: list) -> torch.Tensor | None:
+def _table(args: list, key: tuple) -> torch.Tensor | None:
     """The SiLU chain with its input quantizer (``silu_in_out``) at every code of that quantizer's grid, or None
-    where a grid value would not be its own fake-quant (then a table would not be exact). Kept by the grids'
-    values: with fixed scales, QAT builds each SiLU's table once."""
-    inv, scale, zp, qmin, qmax = args[:5]
-    key = tuple(v.item() if isinstance(v, torch.Tensor) else v for v in args)
+    where a grid value would not be its own fake-quant (then a table would not be exact). Kept by ``key``, the
+    grids' values: with fixed scales, QAT builds each SiLU's table once."""
     if key in _TABLES:
         _TABLES.move_to_end(key)
         return _TABLES[key]
-    codes = torch.arange(qmin, qmax + 1, dtype=torch.float32)
-    grid = torch.where(codes == zp, 0.0, (codes - zp) * scale)  # what the input's fake-quant gives for each code
+    inv, scale, zp, qmin, qmax = args[:5]
+    grid = grid_values(torch.arange(qmin, qmax + 1, dtype=torch.float32), scale, zp)  # the input's fake-quant values
     on_grid = torch.equal(fake_quantize_math(grid, inv, scale, zp, qmin, qmax, False).view(torch.int32),
                           grid.view(torch.int32))
     table = KERNELS.run("silu_in_out_forward", grid, *args) if on_grid else None
@@ -54,10 +52,11 @@ def _by_table(flat: torch.Tensor, args: list) -> torch.Tensor | None:
     qmin, qmax = args[3], args[4]
     if flat.numel() < TABLE_MIN_NUMEL or qmax - qmin + 1 > MAX_CODES:
         return None
-    table = _table(args)
+    key = tuple(v.item() if isinstance(v, torch.Tensor) else v for v in args)  # (1/s, s, zp, qmin, qmax) x 3
+    table = _table(args, key)
     if table is None:
         return None
-    return lookup(flat, args[0].item(), args[2].item(), float(qmin), float(qmax), table)
+    return lookup(flat, key[0], key[2], float(qmin), float(qmax), table)
 
 
 class _QuantizedSiLU(torch.autograd.Function):
