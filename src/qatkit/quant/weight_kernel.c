@@ -24,12 +24,29 @@
    autograd's bit for bit; gf is at least as accurate as torch's float32 sum (last bits differ). Built without
    unsafe-math flags and with -ffp-contract=off. */
 
+/* A value's code on a channel's grid, as qatkit.quant.fake_quant_math.codes computes it: nearbyint(x * inv) + zp;
+   with overflow_to_min, 2**63 and more (where the x86 int64 cast overflows) become -inf, which clamps to qmin. */
+static inline float code_scalar(float x, float ic, float zc, int32_t overflow_to_min) {
+    float q = nearbyintf(x * ic) + zc;
+    return (overflow_to_min && q >= 9223372036854775808.0f) ? -INFINITY : q;
+}
+
+#if defined(QATKIT_AVX2)
+__attribute__((target("avx2")))
+static inline __m256 code_avx2(__m256 x, __m256 vi, __m256 vz, int32_t overflow_to_min) {
+    __m256 q = _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(x, vi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                             vz);
+    if (!overflow_to_min) return q;
+    return _mm256_blendv_ps(q, _mm256_set1_ps(-INFINITY),
+                            _mm256_cmp_ps(q, _mm256_set1_ps(9223372036854775808.0f), _CMP_GE_OQ));
+}
+#endif
+
 static double channel_scalar(const float *g, const float *w, int64_t n, float fc, float ic, float zc, float qmin,
                              float qmax, int32_t overflow_to_min, float *gw) {
     double acc = 0.0;
     for (int64_t k = 0; k < n; k++) {
-        float q = nearbyintf((w[k] * fc) * ic) + zc;
-        if (overflow_to_min && q >= 9223372036854775808.0f) q = -INFINITY;
+        float q = code_scalar(w[k] * fc, ic, zc, overflow_to_min);
         float m = (q >= qmin && q <= qmax) ? 1.0f : 0.0f;
         float v = g[k] * m;
         gw[k] = v * fc;
@@ -43,15 +60,12 @@ __attribute__((target("avx2")))
 static double channel_avx2(const float *g, const float *w, int64_t n, float fc, float ic, float zc, float qmin,
                            float qmax, int32_t overflow_to_min, float *gw) {
     const __m256 vf = _mm256_set1_ps(fc), vi = _mm256_set1_ps(ic), vz = _mm256_set1_ps(zc),
-                 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax), one = _mm256_set1_ps(1.0f),
-                 big = _mm256_set1_ps(9223372036854775808.0f), ninf = _mm256_set1_ps(-INFINITY);
+                 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax), one = _mm256_set1_ps(1.0f);
     __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) {
         __m256 vw = _mm256_loadu_ps(w + k);
-        __m256 q = _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_mul_ps(vw, vf), vi),
-                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
-        if (overflow_to_min) q = _mm256_blendv_ps(q, ninf, _mm256_cmp_ps(q, big, _CMP_GE_OQ));
+        __m256 q = code_avx2(_mm256_mul_ps(vw, vf), vi, vz, overflow_to_min);
         __m256 inside = _mm256_and_ps(_mm256_cmp_ps(q, lo, _CMP_GE_OQ), _mm256_cmp_ps(q, hi, _CMP_LE_OQ));
         __m256 v = _mm256_mul_ps(_mm256_loadu_ps(g + k), _mm256_and_ps(inside, one));
         _mm256_storeu_ps(gw + k, _mm256_mul_ps(v, vf));
@@ -90,9 +104,7 @@ int qatkit_weight_grad(const float *grad, const float *w, const float *f, const 
 static void forward_scalar(const float *w, int64_t n, float fc, int32_t scaled, float ic, float sc, float zc,
                            float qmin, float qmax, int32_t overflow_to_min, float *y) {
     for (int64_t k = 0; k < n; k++) {
-        float x = scaled ? w[k] * fc : w[k];
-        float q = nearbyintf(x * ic) + zc;
-        if (overflow_to_min && q >= 9223372036854775808.0f) q = -INFINITY;
+        float q = code_scalar(scaled ? w[k] * fc : w[k], ic, zc, overflow_to_min);
         float c = q >= qmin ? q : qmin;
         c = c <= qmax ? c : qmax;
         y[k] = c == zc ? 0.0f : (c - zc) * sc;
@@ -104,15 +116,11 @@ __attribute__((target("avx2")))
 static void forward_avx2(const float *w, int64_t n, float fc, int32_t scaled, float ic, float sc, float zc,
                          float qmin, float qmax, int32_t overflow_to_min, float *y) {
     const __m256 vf = _mm256_set1_ps(fc), vi = _mm256_set1_ps(ic), vs = _mm256_set1_ps(sc), vz = _mm256_set1_ps(zc),
-                 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax), zero = _mm256_setzero_ps(),
-                 big = _mm256_set1_ps(9223372036854775808.0f), ninf = _mm256_set1_ps(-INFINITY);
+                 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax), zero = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) {
         __m256 x = _mm256_loadu_ps(w + k);
-        if (scaled) x = _mm256_mul_ps(x, vf);
-        __m256 q = _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(x, vi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                                 vz);
-        if (overflow_to_min) q = _mm256_blendv_ps(q, ninf, _mm256_cmp_ps(q, big, _CMP_GE_OQ));
+        __m256 q = code_avx2(scaled ? _mm256_mul_ps(x, vf) : x, vi, vz, overflow_to_min);
         __m256 c = _mm256_blendv_ps(lo, q, _mm256_cmp_ps(q, lo, _CMP_GE_OQ));
         c = _mm256_blendv_ps(hi, c, _mm256_cmp_ps(c, hi, _CMP_LE_OQ));
         __m256 v = _mm256_mul_ps(_mm256_sub_ps(c, vz), vs);
