@@ -256,10 +256,11 @@ class _WeightFakeQuantCPU(torch.autograd.Function):
 
 def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
                             factor: torch.Tensor | None = None, reuse: ReusedOutput | None = None):
-    """A dynamic per-output-channel (axis 0) weight quantizer in one compiled kernel (range, qparams and
-    fake-quant; PyTorch's ops bit for bit); None where it does not apply (not float32 CPU, small, inside
-    torch.compile, or compiling failed): the caller then runs the separate ops. Returns (output shaped like
-    ``weight``, scale, zero point, lo, hi).
+    """A dynamic per-output-channel (axis 0) weight quantizer: range and qparams compiled, the fake-quant in C into
+    ``reuse``'s tensor (without ``reuse``, or without the C kernel, all three in one compiled kernel); PyTorch's
+    ops bit for bit. None where it does not apply (not float32 CPU, small, inside torch.compile, or compiling
+    failed): the caller then runs the separate ops. Returns (output shaped like ``weight``, scale, zero point, lo,
+    hi).
 
     Args:
         weight: a conv/linear weight, output channels on axis 0.

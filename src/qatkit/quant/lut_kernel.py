@@ -45,7 +45,8 @@ def lookup(x: torch.Tensor, inv: float, zp: float, qmin: float, qmax: float,
         table: ``qmax - qmin + 1`` float32 values, the function at each code's grid value.
 
     Example:
-        >>> lookup(torch.zeros(4), 1.0, 0.0, -1.0, 1.0, torch.tensor([7.0, 8.0, 9.0])) is None or True
+        >>> y = lookup(torch.tensor([0.4, 7.0, -2.6]), 1.0, 0.0, -1.0, 1.0, torch.tensor([7.0, 8.0, 9.0]))
+        >>> y is None or y.tolist() == [8.0, 9.0, 7.0]
         True
     """
     if (x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or table.dtype != torch.float32

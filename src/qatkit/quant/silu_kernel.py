@@ -1,7 +1,8 @@
 """The quantized SiLU of the ``onnxruntime`` recipe, ``x * fake_quant(sigmoid(x))``, fused for training on float32
 CPU tensors: one compiled pass forward and one backward (:mod:`qatkit.quant.kernels` compiles the arithmetic of
 :mod:`qatkit.quant.fake_quant_math`), with the SiLU output's quantizer and the quantizer of the conv output it reads
-in the same pass.
+in the same pass. With that input quantizer, a large tensor's forward is a table of the pass's values on the input's
+grid, read by each element's code (:mod:`qatkit.quant.lut_kernel`): the same output bit for bit.
 
 Example:
     >>> y = quantized_silu(torch.randn(2, 8, 32, 32), torch.tensor(1 / 255), torch.tensor(0), 0, 255)
