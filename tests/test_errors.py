@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import qatkit
 
@@ -193,6 +194,27 @@ def test_calibrate_unknown_method_names_valid_methods():
     with pytest.raises(ValueError, match="nosuch") as info:
         qatkit.calibrate(model, rand_batches(1), method="nosuch")
     assert "mse" in str(info.value) and "percentile" in str(info.value)
+
+
+class PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_error_inside_an_observer_leaves_no_torch_function_mode_behind():
+    # the conv's output quantizer observes in the conv's post-hook, where the run time steps its mode off the stack
+    model = seeded(Small)
+    qatkit.quantize(model, "onnxruntime", X)
+    with torch.no_grad():
+        model.conv1.weight.fill_(1.0)
+    bad = torch.full((1, 3, 16, 16), 3e38)  # finite, but conv1's sum overflows to inf inside the model
+    with PassThrough() as users:  # a mode of the user's, under qatkit's
+        with pytest.raises(qatkit.DataError, match="non-finite"):
+            qatkit.calibrate(model, [bad], method="max")
+        assert torch._C._len_torch_function_stack() == 1
+        assert torch._C._get_function_stack_at(0) is users
+    qatkit.calibrate(model, rand_batches(1), method="max")
+    assert qatkit.uncalibrated(model) == []
 
 
 @pytest.mark.parametrize("recipe", ["onnxruntime", "tensorrt"])

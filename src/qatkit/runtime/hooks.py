@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
@@ -149,12 +150,29 @@ class ModelHooks:
         return output
 
     def _quantize_paused(self, fn, site, tree):
-        """``fn(site, tree)`` with the mode paused (what :meth:`paused` does, without a generator per call)."""
+        """``fn(site, tree)``: qatkit's own ops (quantizers, observers), not the model's. The mode is paused (what
+        :meth:`paused` does, without a generator per call) and, while it is the innermost mode, taken off the stack:
+        a paused mode still costs every op a Python call (about 1 us; calibration's observers run ~15 ops a tensor).
+        """
         prev, self._paused = self._paused, True
+        mode = self._step_out()
         try:
             return fn(site, tree)
         finally:
+            if mode is not None:
+                torch._C._push_on_torch_function_stack(mode)
             self._paused = prev
+
+    def _step_out(self) -> FunctionDispatch | None:
+        """This forward's mode, popped off the torch-function stack if it is on top of it (not under
+        ``torch.compile``, which traces the hooks into its graph); None if it was left where it is."""
+        mode = self._mode
+        if mode is None or torch.compiler.is_compiling():
+            return None
+        depth = torch._C._len_torch_function_stack()
+        if depth == 0 or torch._C._get_function_stack_at(depth - 1) is not mode:
+            return None
+        return torch._C._pop_torch_function_stack()
 
     def _module_pre(self, module: nn.Module, args):
         if not self._active:  # called outside the root's forward: plain float module
@@ -180,6 +198,13 @@ class ModelHooks:
             return self._quantize_paused(self.run.quantize_inputs, site, args)
         return None
 
+    def _leaf_output(self, site, output_frame):
+        """A leaf layer's output through its site's output quantizer, unless its SiLU applies that itself."""
+        output, frame = output_frame
+        if self.state.silu_reads and self.run.defer_output(site, output, frame.key):
+            return output
+        return self.run.quantize_output(site, output, frame.on_grid)
+
     def _module_post(self, module: nn.Module, args, output):
         stack = self.tracker.stack
         if not self._active or not stack:
@@ -191,12 +216,7 @@ class ModelHooks:
                 self._exit_mode()
             site = frame.site
             if site is not None and (site.output is not None or site.fold_into is not None):
-                prev, self._paused = self._paused, True  # (tensor attributes read here are not model ops)
-                try:
-                    if not (state.silu_reads and self.run.defer_output(site, output, frame.key)):
-                        output = self.run.quantize_output(site, output, frame.on_grid)
-                finally:
-                    self._paused = prev
+                output = self._quantize_paused(self._leaf_output, site, (output, frame))
             if state.recorder is not None:
                 state.recorder.module_return(frame.key, output)
         return output
