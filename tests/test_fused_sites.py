@@ -253,3 +253,33 @@ def test_on_grid_notices_in_place_changes_and_freed_tensors():
     grid.add(y, q)
     del y
     assert not grid.holds(torch.zeros(4), q)
+
+
+def _observed(qm: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """How many values each activation quantizer counts in one calibration forward (mse histograms)."""
+    quantizers = qatkit.quantization_state(qm).quantizers.values()
+    for q in quantizers:
+        q.enable_fake_quant(False)
+        if not q.dynamic:
+            q.start_observing("mse")
+    with torch.no_grad():
+        qm.eval()(x)
+    return {q.name: float(q.calibrator.hist.counts.sum()) for q in quantizers
+            if not q.dynamic and q.calibrator.num_batches}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_calibration_observes_no_concat_or_view_of_what_it_saw(inplace):
+    """The SiLU output is observed once, not again as its chunks, as a slice of one or within the concat (before,
+    the shared quantizer counted it 4.5 times); the max-pool output, a tensor the head reads, is. Values changed
+    in place after the quantizer saw them are new."""
+    torch.manual_seed(0)
+    qm = qatkit.quantize(Shapes(inplace), "onnxruntime", (torch.rand(1, 3, 32, 32),))
+    key = qatkit.quantization_state(qm).sites["act1"].output
+    x = torch.rand(2, 3, 32, 32) * 2
+    plane = 2 * 32 * 32  # one channel of the batch
+    counted = _observed(qm, x)[key]
+    if inplace:  # b (half of the SiLU output) scaled in place: its mul_, the slice and the concat hold new values
+        assert counted == pytest.approx((16 + 8 + 8 + 8 + 24) * plane, rel=1e-12)  # (re-binned: float counts)
+    else:
+        assert counted == (16 + 8) * plane

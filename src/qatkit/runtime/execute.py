@@ -113,6 +113,14 @@ def _eager_without_graph() -> bool:
     return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
 
 
+def _views_of(out, storages: set[int]) -> bool:
+    """Whether every floating tensor of ``out`` (a tensor, or a list/tuple of them) lies in one of ``storages``."""
+    if type(out) in (list, tuple):
+        return all(_views_of(t, storages) for t in out)
+    return not (isinstance(out, torch.Tensor) and out.is_floating_point()) or (
+        out.untyped_storage().data_ptr() in storages)
+
+
 def _metadata_only(func: Callable) -> bool:
     """Whether a call reads only a tensor's metadata (its shape, dtype, device...), never its values."""
     name = getattr(func, "__name__", None)
@@ -151,7 +159,8 @@ class SiteExecutor:
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Apply an activation quantizer; ``state.tap`` (set by :func:`qatkit.verify`) may observe or replace it.
-        A tensor already on this quantizer's grid (:mod:`qatkit.runtime.on_grid`) is returned as it is."""
+        A tensor already on this quantizer's grid (:mod:`qatkit.runtime.on_grid`) is returned as it is; in
+        calibration (observing, fake-quant off), one it has observed in this forward, which is not counted twice."""
         q = self.state.q(name)
         if self.state.tap is not None:
             return self.state.tap(q, q(x))
@@ -160,7 +169,7 @@ class SiteExecutor:
         if self.grid and self.grid.holds(x, q):
             return x
         y = q(x)
-        if q.plain():
+        if q.plain() or (y is x and q.observer_enabled):
             self.grid.add(y, q)
         return y
 
@@ -197,9 +206,13 @@ class SiteExecutor:
         """The site's output quantizer; while BN is live, a conv's moves to the output of its BatchNorm.
         ``on_grid`` (:meth:`kept_on_grid` of the site's inputs): the outputs are on its grid already, and are
         returned as they are, except that a view of an input becomes a copy (a fake-quant output is a new tensor:
-        an in-place change of it must not reach the input)."""
+        an in-place change of it must not reach the input). In calibration (fake-quant off, ``on_grid`` observed
+        by the quantizer in this forward), a concat or a view of them is not observed again, while a max-pool or
+        upsample output, a tensor of its own, is (:mod:`qatkit.runtime.on_grid`)."""
         if on_grid is not None:
-            return self._kept(self.state.q(site.output), out, {t.untyped_storage().data_ptr() for t in on_grid})
+            q, inputs = self.state.q(site.output), {t.untyped_storage().data_ptr() for t in on_grid}
+            if q.fake_quant_on or site.kind == "cat" or _views_of(out, inputs):
+                return self._kept(q, out, inputs)
         key = site.output
         if self.state.bn_live and (site.fold_bn is not None or site.fold_into is not None):
             key = None if site.fold_bn is not None else self.state.sites[site.fold_into].output
@@ -211,12 +224,13 @@ class SiteExecutor:
                         else t, out)
 
     def _kept(self, q: FakeQuantizer, out, inputs: set[int]):
-        """``out`` (a tensor or a tree of them) as quantizer ``q``'s output: views of ``inputs`` copied."""
+        """``out`` (a tensor or a tree of them) as quantizer ``q``'s output: views of ``inputs`` copied, where ``q``
+        would have made a new tensor (fake-quant on; off, it returns its input itself)."""
         if type(out) in (list, tuple):
             return type(out)(self._kept(q, t, inputs) for t in out)
         if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
             return out
-        if out.untyped_storage().data_ptr() in inputs:
+        if q.fake_quant_on and out.untyped_storage().data_ptr() in inputs:
             out = out.clone()
         self.grid.add(out, q)
         return out

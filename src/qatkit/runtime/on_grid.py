@@ -8,6 +8,13 @@ eager QAT those re-applications are passes over the data whose output equals the
 on which quantizer's grid (:mod:`qatkit.runtime.tensor_stamp`, so an in-place change is noticed), and the run
 time skips the re-application.
 
+Calibration (fake-quant off, observers on) uses the same record for the tensors each quantizer has observed in
+this forward. A concat of them, or a view (chunk, split, reshape), holds only values already counted, and is not
+observed again: it is there because the placement re-applies the quantizer, not because the network reads those
+values twice. Before, the demo's C2f concat quantizers counted the first conv's output three times. A max-pool or
+upsample output is a tensor of its own, which the next layer reads (the maxima, each value four times), and is
+observed as before.
+
 Example usage::
 
     grid = OnGrid()
