@@ -265,7 +265,7 @@ def _observed(qm: nn.Module, x: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
         qm.eval()(x)
     return {q.name: float(q.calibrator.hist.counts.sum()) for q in quantizers
-            if not q.dynamic and q.calibrator.num_batches}
+            if q.calibrator is not None and q.calibrator.num_batches}
 
 
 @pytest.mark.parametrize("inplace", [False, True])

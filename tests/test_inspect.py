@@ -88,7 +88,8 @@ def test_model_table_and_lint(tmp_path):
     state = qatkit.quantization_state(net)
     rows = ins.model_rows(net)
     assert len(rows) == len(state.quantizers)
-    n_act = sum(not q.dynamic for q in state.quantizers.values())
+    n_act = sum(not (q.dynamic or q.fixed_range) for q in state.quantizers.values())
+    assert 0 < n_act < sum(not q.dynamic for q in state.quantizers.values())  # (the SiLU's sigmoid: [0, 1] fixed)
     assert ins.lint_model(net)["uncalibrated quantizers"] == n_act  # weights compute their own scale
     assert sum("NOT CALIBRATED" in r.state for r in rows) == n_act
     assert all(r.uses >= 1 for r in rows)

@@ -37,12 +37,13 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
     """Set the scales of ``model``'s activation quantizers from ``batches`` (tensors or tuples of inputs).
 
     ``method`` overrides the recipe's calibrator for every activation quantizer: one of max, ema, percentile,
-    mse, entropy. Weights use per-channel max of the current weights and need no data.
+    mse, entropy. Weights use per-channel max of the current weights and need no data; so do quantizers of a range
+    known in advance (a SiLU's sigmoid under the recipe's ``silu_sigmoid_range: unit``).
     """
     state = quantization_state(model)
     if method is not None and method not in CALIBRATORS:
         raise RecipeError(f"unknown calibration method {method!r}; choose one of {', '.join(sorted(CALIBRATORS))}")
-    acts = [q for q in state.quantizers.values() if not q.dynamic]
+    acts = [q for q in state.quantizers.values() if not (q.dynamic or q.fixed_range)]
     was_training = model.training
     model.eval()
     n = 0

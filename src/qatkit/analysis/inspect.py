@@ -107,8 +107,8 @@ def model_rows(model: nn.Module) -> list[Row]:
                 uses[slot(key)] += 1
     rows = []
     for key, q in state.quantizers.items():
-        flags = ("calibrated" if q.is_calibrated else "NOT CALIBRATED") + ("" if bool(q.fake_quant_enabled)
-                                                                          else ", fake-quant off")
+        flags = "fixed range" if q.fixed_range else "calibrated" if q.is_calibrated else "NOT CALIBRATED"
+        flags += "" if bool(q.fake_quant_enabled) else ", fake-quant off"
         rows.append(Row(q.name, q.scheme.describe(), _fmt(q.scale.detach().numpy()), _fmt(q.zero_point.numpy()),
                         uses[key], flags, collapse_note(q)))
     return rows

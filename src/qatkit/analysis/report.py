@@ -29,12 +29,13 @@ from .sensitivity import SensitivityReport  # noqa: E402
 
 @torch.no_grad()
 def activation_histograms(model: nn.Module, batches: Iterable, count: int = 12, bins: int = 128) -> dict:
-    """Histograms of what ``count`` activation quantizers see (fake-quant off), with their clip ranges.
+    """Histograms of what ``count`` calibrated activation quantizers see (fake-quant off), with their clip ranges.
 
-    The quantizers are spread evenly over the placement order, so the charts run from input to head.
+    The quantizers are spread evenly over the placement order, so the charts run from input to head; those of a
+    range fixed in advance (a SiLU's sigmoid) are left out.
     """
     state = quantization_state(model)
-    acts = [q for q in state.quantizers.values() if not q.dynamic]
+    acts = [q for q in state.quantizers.values() if not (q.dynamic or q.fixed_range)]
     chosen = acts[:: max(1, len(acts) // count)][:count]
     seen: dict[str, list[torch.Tensor]] = {q.name: [] for q in chosen}
     handles = [q.register_forward_pre_hook(lambda m, args: seen[m.name].append(args[0].detach().flatten()))
@@ -53,6 +54,8 @@ def activation_histograms(model: nn.Module, batches: Iterable, count: int = 12, 
             q.enable_fake_quant(enabled[k])
     out = {}
     for q in chosen:
+        if not seen[q.name]:  # (a quantizer these batches did not reach)
+            continue
         x = torch.cat(seen[q.name]).float()
         lo, hi = float(x.min()), float(x.max())
         counts = torch.histc(x, bins, lo, hi if hi > lo else lo + 1)

@@ -49,7 +49,9 @@ class AllActivations(Policy):
             if kind == "silu" and b.recipe.silu_to_relu:
                 b.site(node).relu = True  # only functional F.silu is left: modules were swapped
             elif kind == "silu":
-                b.site(node).sigmoid = b.new_act(node, quantizer_name(node.key, "sigmoid"))
+                key = b.site(node).sigmoid = b.new_act(node, quantizer_name(node.key, "sigmoid"))
+                if b.recipe.silu_sigmoid_range == "unit":
+                    b.out.quantizers[key].fix_range(0.0, 1.0)
             if kind in RELU_FUSABLE and self._relu_follows(node):
                 return  # add+relu: one quantizer, after the relu (ORT drops the relu into QLinearAdd's output)
             b.add_output(node)

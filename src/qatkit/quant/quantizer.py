@@ -111,6 +111,8 @@ class FakeQuantizer(nn.Module):
     ``load_state_dict`` keep both in step; code that writes a flag buffer directly calls :meth:`sync_flags` after.
     """
 
+    fixed_range = False  # set by fix_range (a class default, so quantizers pickled before it read False)
+
     def __init__(self, scheme: QuantScheme, name: str = "", channels: int | None = None, dynamic: bool = False):
         super().__init__()
         self.scheme = scheme
@@ -146,9 +148,27 @@ class FakeQuantizer(nn.Module):
         if isinstance(self.scale, nn.Parameter):
             self.scale.requires_grad_(not frozen)
 
+    def fix_range(self, lo: float, hi: float) -> None:
+        """Give the quantizer a range known in advance, such as a sigmoid's ``[0, 1]``: it is calibrated from the
+        start, calibration leaves it alone, and training keeps its scale (no EMA update, no learned scale).
+
+        Args:
+            lo, hi: the range; the scheme turns it into a scale and zero point as it does a calibrated range.
+
+        Example:
+            >>> q = FakeQuantizer(QuantScheme(bits=8, signed=False, symmetric=False), "sigmoid")
+            >>> q.fix_range(0.0, 1.0)
+            >>> q.is_calibrated, round(float(q.scale) * 255, 6), int(q.zero_point)
+            (True, 1.0, 0)
+        """
+        self.set_range(torch.tensor(float(lo)), torch.tensor(float(hi)))
+        self.freeze_scale()
+        self.fixed_range = True
+
     def start_observing(self, method: str | None = None) -> None:
-        """Begin collecting statistics with ``method`` (default: the scheme's calibrator)."""
-        if self.dynamic:
+        """Begin collecting statistics with ``method`` (default: the scheme's calibrator); a quantizer of the
+        weights (dynamic) or of a range known in advance (:meth:`fix_range`) has nothing to collect."""
+        if self.dynamic or self.fixed_range:
             return
         s = self.scheme
         method = method or s.calibrator
@@ -223,6 +243,13 @@ class FakeQuantizer(nn.Module):
                 or (self.training and s.scale_mode == "ema" and not self._scale_frozen)):
             return False
         return self._fake_quant_on and self._calibrated
+
+    def passes_through(self) -> bool:
+        """Whether :meth:`forward` now returns its input as it is and records nothing (fake-quant off, nothing
+        observed or updated): what only this quantizer reads need not be computed apart."""
+        if self._fake_quant_on or self.observer_enabled or self.dynamic:
+            return False
+        return not (self.training and self.scheme.scale_mode == "ema" and self._calibrated and not self._scale_frozen)
 
     @property
     def is_calibrated(self) -> bool:
@@ -335,7 +362,7 @@ class FakeQuantizer(nn.Module):
         return np.clip(q, s.qmin, s.qmax)
 
     def extra_repr(self) -> str:
-        state = "calibrated" if self.is_calibrated else "NOT calibrated"
+        state = "fixed range" if self.fixed_range else "calibrated" if self.is_calibrated else "NOT calibrated"
         return f"{self.name}: {self.scheme.describe()}, {state}, fake_quant={self._fake_quant_on}"
 
 

@@ -46,6 +46,9 @@ class Recipe(BaseModel):
     keep_head_decode_float: bool = True
     share_concat_scales: bool = False  # all_activations: a concat's inputs and output use one quantizer
     silu_to_relu: bool = False  # seed 002: NPUs without SiLU; nn.SiLU modules and F.silu calls become ReLU
+    # all_activations computes SiLU as x * q(sigmoid(x)). "unit": q takes the sigmoid's own range [0, 1] (fixed,
+    # never calibrated, as PyTorch's fixed-qparams sigmoid); "calibrate": q is calibrated like any activation
+    silu_sigmoid_range: Literal["calibrate", "unit"] = "calibrate"
     quantize_model_input: bool = True
     quantize_model_outputs: bool = True  # False: the layers producing model outputs compute them in high precision
     # export: a float Softmax over a non-last axis (YOLOv8's DFL) is written as ReduceMax/Sub/Exp/ReduceSum/Div,

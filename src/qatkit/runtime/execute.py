@@ -307,6 +307,8 @@ class SiteExecutor:
         fused kernel may apply the site's output quantizer too; its output is then on that quantizer's grid, which
         :meth:`act` (called by :meth:`quantize_output`) knows, so it is not applied again.
         If ``x`` is a conv output whose quantizer :meth:`defer_output` left to this SiLU, it is applied here first.
+        Where the sigmoid's quantizer does nothing (:meth:`FakeQuantizer.passes_through`), it is the float model's
+        ``F.silu``: one op instead of two, and the float model's values.
         """
         in_key, entry = None, self._raw.get(id(x)) if self._raw else None
         if entry is not None and entry.raw is x:
@@ -327,6 +329,8 @@ class SiteExecutor:
                 return y
         if in_key is not None:
             x = self.act(in_key, x)
+        if self.state.tap is None and q.passes_through():  # (calibration with a fixed sigmoid range): the float op
+            return torch.nn.functional.silu(x)
         s = self.act(site.sigmoid, torch.sigmoid(x))
         if self.state.tap is None and _eager_without_graph():
             return s.mul_(x)  # no autograd: s is this call's own tensor, so the product can take its memory
