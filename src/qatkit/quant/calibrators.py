@@ -68,17 +68,17 @@ class Calibrator:
         if x.numel() == 0:
             return
         x = x.detach()
-        extremes = self._observe_fused(x)  # counted already, if finite
-        counted = extremes is not None
-        if not counted:
+        lo_hi, extremes = self._observe_fused(x), None  # counted already, if finite
+        if lo_hi is None:
             # one reduction instead of isfinite().all(): NaN propagates through aminmax and Inf shows as the
             # extreme; the same extremes then serve the statistics (one pass over x, one host sync)
             extremes = torch.stack(torch.aminmax(x)).to(torch.float32)
-        if not all(math.isfinite(v) for v in extremes.tolist()):
+            lo_hi = extremes.tolist()
+        if not (math.isfinite(lo_hi[0]) and math.isfinite(lo_hi[1])):
             n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
             raise CalibrationError(f"observed tensor contains non-finite values ({n_nan} NaN, "
                                    f"{n_inf} Inf of {x.numel()})")
-        if not counted:
+        if extremes is not None:
             self._observe(x.to(torch.float32), extremes)
         self._num_batches += 1
 
@@ -138,7 +138,7 @@ class Calibrator:
     def _clear(self) -> None:
         raise NotImplementedError
 
-    def _observe_fused(self, x: Tensor) -> Tensor | None:
+    def _observe_fused(self, x: Tensor) -> list[float] | None:
         """Accumulate ``x`` and return its ``[min, max]`` in one pass, counting nothing if they are not finite; None
         where the calibrator has no such pass (then :meth:`_observe` follows the finiteness check)."""
         return None
@@ -236,7 +236,7 @@ class _HistogramCalibrator(Calibrator):
     def _clear(self) -> None:
         self.hist = Histogram(self.options["bins"], self._absolute())
 
-    def _observe_fused(self, x: Tensor) -> Tensor | None:
+    def _observe_fused(self, x: Tensor) -> list[float] | None:
         return self.hist.add_fused(x.reshape(-1))
 
     def _observe(self, x: Tensor, extremes: Tensor) -> None:

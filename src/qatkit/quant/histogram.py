@@ -98,11 +98,11 @@ class Histogram:
             return
         self.counts += bin_counts(x.float(), self.bins, self.lo, self.hi, self.absolute)
 
-    def add_fused(self, x: Tensor) -> Tensor | None:
+    def add_fused(self, x: Tensor) -> list[float] | None:
         """Count ``x`` (flat) reading it once (:mod:`qatkit.quant.histogram_kernel`; twice for the first batch, whose
-        extremes set the range) and return its ``[min, max]`` (float32; NaN if ``x`` holds a NaN, and then nothing is
-        counted); None where that pass does not apply (several processes, not a float32 CPU tensor, counts on
-        another device, no compiler): then use :meth:`add`.
+        extremes set the range) and return its ``[min, max]`` (float32 values; NaN if ``x`` holds a NaN, and then
+        nothing is counted); None where that pass does not apply (several processes, not a float32 CPU tensor,
+        counts on another device, no compiler): then use :meth:`add`.
 
         The counts and the grown range are those :meth:`add` gives: the same bin index over the same range (a batch
         beyond the range is counted again after the range grows)."""
@@ -113,11 +113,11 @@ class Histogram:
             extremes = torch.stack(torch.aminmax(x))
             bmin, bmax = extremes.tolist()
             if not (math.isfinite(bmin) and math.isfinite(bmax)):
-                return extremes
+                return [bmin, bmax]
             lo, hi = self._needed(bmin, bmax)
             if not hi > lo:
                 self.add(x, extremes)
-                return extremes
+                return [bmin, bmax]
         elif self.hi > self.lo:
             lo, hi = self.lo, self.hi
         else:
@@ -126,14 +126,15 @@ class Histogram:
         if out is None:
             return None
         counts, bmin, bmax, nan = out
-        extremes = torch.tensor([math.nan, math.nan] if nan else [bmin, bmax], dtype=torch.float32)
-        if nan or not (math.isfinite(bmin) and math.isfinite(bmax)):
-            return extremes
+        if nan:
+            return [math.nan, math.nan]
+        if not (math.isfinite(bmin) and math.isfinite(bmax)):
+            return [bmin, bmax]
         self._take_range(bmin, bmax, x.device)
         if (self.lo, self.hi) != (lo, hi):  # the range grew: count again over the new one
             counts = fused_bin_counts(x, self.lo, self.hi, self.bins, self.absolute)[0]
-        self.counts += counts.to(torch.float64)
-        return extremes
+        self.counts.add_(counts)  # (int64 counts, exact in float64)
+        return [bmin, bmax]
 
     def _needed(self, bmin: float, bmax: float) -> tuple[float, float]:
         """The range a batch with these extremes needs: ``[0, max |x|]`` for ``absolute``, else ``[min, max]``."""
