@@ -10,7 +10,8 @@ runtime's bias rounding uses the input quantizer's current scale even with fake-
 cannot go below without changing the run time (qatkit/runtime/).
 
 Times are CPU seconds of this process (all threads, ``time.process_time``): on a shared machine they move less
-than wall time when other processes take the cores. ``--baseline REV`` also times the calibrators of git revision
+than wall time when other processes take the cores. Wall seconds are shown beside them: the forward runs its convs
+on all threads, calibration's Python on one, so the wall ratio is the higher one. ``--baseline REV`` also times the calibrators of git revision
 REV (calibrators.py, histogram.py and mse_search.py loaded from git into this process), alternating with the
 working tree's in every round so that before and after share the machine's noise, and reports how far the ranges
 they chose differ. Each figure is the median over ``--rounds`` rounds. The table and its command go into the
@@ -111,32 +112,34 @@ def search_timer(total: list[float]) -> Iterator[None]:
         FakeQuantizer.stop_observing = original
 
 
-def time_forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+def time_forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(CPU, wall) seconds of the forward over ``batches``."""
     with torch.no_grad():
-        start = time.process_time()
+        start, wall = time.process_time(), time.perf_counter()
         for b in batches:
             model(b)
-        return time.process_time() - start
+        return time.process_time() - start, time.perf_counter() - wall
 
 
 def time_calibration(qm: torch.nn.Module, batches: list[torch.Tensor], method: str,
-                     factory: Callable | None) -> tuple[float, float, dict[str, torch.Tensor]]:
-    """(total, search) CPU seconds of one ``qatkit.calibrate`` with ``method``, and the ranges it chose."""
+                     factory: Callable | None) -> tuple[float, float, float, dict[str, torch.Tensor]]:
+    """(total CPU, total wall, search CPU) seconds of one ``qatkit.calibrate`` with ``method``, and the ranges it
+    chose."""
     search = [0.0]
     with calibrators_from(factory), search_timer(search):
-        start = time.process_time()
+        start, wall = time.process_time(), time.perf_counter()
         qatkit.calibrate(qm, batches, method=method)
-        total = time.process_time() - start
+        total, wall = time.process_time() - start, time.perf_counter() - wall
     ranges = {q.name: torch.stack([q.range_lo, q.range_hi]).flatten()
               for q in qatkit.quantization_state(qm).quantizers.values() if not q.dynamic}
-    return total, search[0], ranges
+    return total, wall, search[0], ranges
 
 
 def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float(((a[k] - b[k]).abs() / a[k].abs().clamp(min=1e-30)).max()) for k in a)
 
 
-def hooks_only(qm: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+def hooks_only(qm: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
     """The quantized model's forward as calibration runs it (fake-quant off), nothing observing."""
     quantizers = qatkit.quantization_state(qm).quantizers.values()
     for q in quantizers:
@@ -183,17 +186,19 @@ def main() -> int:
     times: dict[tuple[str, ...], list[float]] = {}
     chosen: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for r in range(args.rounds):
-        times.setdefault(("float",), []).append(time_forward(float_model, batches))
-        times.setdefault(("hooks",), []).append(hooks_only(qm, batches))
+        for what, timed in (("float", time_forward(float_model, batches)), ("hooks", hooks_only(qm, batches))):
+            times.setdefault((what,), []).append(timed[0])
+            times.setdefault((what, "wall"), []).append(timed[1])
         for method in methods:
             for label, factory in variants.items():
                 fresh = qatkit.quantize(copy.deepcopy(float_model), args.recipe, (batches[0][:1],))
-                total, search, chosen[method, label] = time_calibration(fresh, batches, method, factory)
+                total, wall, search, chosen[method, label] = time_calibration(fresh, batches, method, factory)
                 times.setdefault((method, label, "total"), []).append(total)
+                times.setdefault((method, label, "wall"), []).append(wall)
                 times.setdefault((method, label, "search"), []).append(search)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    fwd = med[("float",)]
+    fwd, fwd_wall = med[("float",)], med[("float", "wall")]
     command = "python benchmarks/calibration.py " + " ".join(sys.argv[1:])
     lines = [
         f"Command: `{command}`, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
@@ -202,16 +207,17 @@ def main() -> int:
         f"Demo detector, `{args.recipe}` recipe ({n_quantizers} activation quantizers), {len(batches)} batches of "
         f"{cfg.batch_size} at {cfg.img_size} px; median of {args.rounds} alternating rounds.",
         "",
-        "| what | calibrator code | CPU s | x float forward | observe s | search s |",
-        "|---|---|---|---|---|---|",
-        f"| float forward | - | {fwd:.2f} | 1.00x | - | - |",
-        f"| hooks only (fake-quant off) | - | {med[('hooks',)]:.2f} | {med[('hooks',)] / fwd:.2f}x | - | - |",
+        "| what | calibrator code | CPU s | x float forward | wall s | x float wall | observe s | search s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| float forward | - | {fwd:.2f} | 1.00x | {fwd_wall:.2f} | 1.00x | - | - |",
+        f"| hooks only (fake-quant off) | - | {med[('hooks',)]:.2f} | {med[('hooks',)] / fwd:.2f}x | "
+        f"{med[('hooks', 'wall')]:.2f} | {med[('hooks', 'wall')] / fwd_wall:.2f}x | - | - |",
     ]
     for method in methods:
         for label in variants:
-            total, search = med[(method, label, "total")], med[(method, label, "search")]
-            lines.append(f"| calibrate {method} | {label} | {total:.2f} | {total / fwd:.2f}x | "
-                         f"{total - search:.2f} | {search:.2f} |")
+            total, search, wall = (med[(method, label, k)] for k in ("total", "search", "wall"))
+            lines.append(f"| calibrate {method} | {label} | {total:.2f} | {total / fwd:.2f}x | {wall:.2f} | "
+                         f"{wall / fwd_wall:.2f}x | {total - search:.2f} | {search:.2f} |")
     if args.baseline:
         lines += ["", f"Chosen ranges, working tree vs {args.baseline}, max relative difference over all quantizers: "
                   + ", ".join(f"{m} {max_relative_difference(chosen[m, args.baseline], chosen[m, 'now']):.3g}"
