@@ -4,6 +4,9 @@ What ``qatkit.calibrate`` costs with each calibrator (max, mse, entropy, percent
 batches (16 batches of 16 images at 160 px, the shipped float checkpoint, the ``onnxruntime`` recipe), relative to
 the float model's forward over the same batches, split into *observe* (the forward passes with the calibrators
 collecting statistics) and *search* (``stop_observing``: each quantizer turning its statistics into a range).
+``--model yolov8n`` / ``resnet18`` times those models instead (built as ``benchmarks/step_time.py`` builds them, with
+random weights, on 8 batches of random images; print them with ``--doc ''``). Quantizers of a range fixed in advance
+(the SiLU's sigmoid under the ``onnxruntime`` recipe) are not calibrated and not counted.
 Each calibration starts from a freshly quantized model: a calibrated one calibrates differently, as the
 runtime's bias rounding uses the input quantizer's current scale even with fake-quant off.
 ``hooks only`` is the quantized model's forward with fake-quant off and nothing observing: the floor calibration
@@ -161,23 +164,42 @@ def cpu_flags() -> str:
     return ", ".join(f"{f} {'yes' if f in present else 'no'}" for f in wanted)
 
 
+OTHER_MODELS = {"yolov8n": ("yolov8n", 8, 320), "resnet18": ("resnet18", 8, 160)}  # step_time's builder, batch, px
+
+
+def model_and_batches(name: str, n: int | None) -> tuple[torch.nn.Module, list[torch.Tensor], str]:
+    """The float model (eval mode), its calibration batches and its description."""
+    if name == "demo":
+        cfg = RunConfig(quiet=True)
+        train, _ = datasets(cfg)
+        batches = list(image_batches(train, n or cfg.calib_batches, cfg.batch_size, cfg.seed))
+        return load_float(cfg.float_checkpoint).eval(), batches, "Demo detector"
+    import step_time  # benchmarks/ is on sys.path (doc_block above)
+
+    builder, batch, px = OTHER_MODELS[name]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(batch, 3, px, px, generator=g) for _ in range(n or 8)]
+    return getattr(step_time, builder)().eval(), batches, f"{name} (random weights, random images)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", type=int, default=None, help="calibration batches (default: the demo's, 16)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--recipe", default="onnxruntime")
+    ap.add_argument("--model", choices=("demo", *OTHER_MODELS), default="demo",
+                    help="demo: the shipped checkpoint on the demo's calibration images; the others as "
+                         "benchmarks/step_time.py builds them (random weights), on random images")
     ap.add_argument("--baseline", default=None, help="git revision whose calibrators are timed alongside")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "calibration.md"),
                     help="the page whose calibration block gets the table and command ('' to print only)")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
-    cfg = RunConfig(quiet=True)
-    train, _ = datasets(cfg)
-    batches = list(image_batches(train, args.batches or cfg.calib_batches, cfg.batch_size, cfg.seed))
-    float_model = load_float(cfg.float_checkpoint)
+    float_model, batches, what = model_and_batches(args.model, args.batches)
     qm = qatkit.quantize(copy.deepcopy(float_model), args.recipe, (batches[0][:1],))
-    n_quantizers = sum(not q.dynamic for q in qatkit.quantization_state(qm).quantizers.values())
+    n_quantizers = sum(not (q.dynamic or getattr(q, "fixed_range", False))  # (older qatkit: no fixed ranges)
+                       for q in qatkit.quantization_state(qm).quantizers.values())
     variants: dict[str, Callable | None] = {"now": None}
     if args.baseline:
         variants = {f"{args.baseline}": baseline_factory(args.baseline), "now": None}
@@ -204,8 +226,8 @@ def main() -> int:
         f"Command: `{command}`, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. CPU flags: {cpu_flags()}.",
         "",
-        f"Demo detector, `{args.recipe}` recipe ({n_quantizers} activation quantizers), {len(batches)} batches of "
-        f"{cfg.batch_size} at {cfg.img_size} px; median of {args.rounds} alternating rounds.",
+        f"{what}, `{args.recipe}` recipe ({n_quantizers} calibrated activation quantizers), {len(batches)} batches "
+        f"of {batches[0].shape[0]} at {batches[0].shape[-1]} px; median of {args.rounds} alternating rounds.",
         "",
         "| what | calibrator code | CPU s | x float forward | wall s | x float wall | observe s | search s |",
         "|---|---|---|---|---|---|---|---|",
