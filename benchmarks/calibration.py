@@ -7,18 +7,18 @@ collecting statistics) and *search* (``stop_observing``: each quantizer turning 
 ``--model yolov8n`` / ``resnet18`` times those models instead (built as ``benchmarks/step_time.py`` builds them, with
 random weights, on 8 batches of random images; print them with ``--doc ''``). Quantizers of a range fixed in advance
 (the SiLU's sigmoid under the ``onnxruntime`` recipe) are not calibrated and not counted.
-Each calibration starts from a freshly quantized model: a calibrated one calibrates differently, as the
-runtime's bias rounding uses the input quantizer's current scale even with fake-quant off.
+Each calibration starts from a freshly quantized model, so that the rounds are independent.
 ``hooks only`` is the quantized model's forward with fake-quant off and nothing observing: the floor calibration
 cannot go below without changing the run time (qatkit/runtime/).
 
 Times are CPU seconds of this process (all threads, ``time.process_time``): on a shared machine they move less
 than wall time when other processes take the cores. Wall seconds are shown beside them: the forward runs its convs
-on all threads, calibration's Python on one, so the wall ratio is the higher one. ``--baseline REV`` also times the calibrators of git revision
-REV (calibrators.py, histogram.py and mse_search.py loaded from git into this process), alternating with the
-working tree's in every round so that before and after share the machine's noise, and reports how far the ranges
-they chose differ. Each figure is the median over ``--rounds`` rounds. The table and its command go into the
-calibration block of ``--doc`` (docs/calibration.md; ``make bench`` runs ``--methods max,mse``).
+on all threads, calibration's Python on one, so the wall ratio is the higher one. ``--baseline REV`` also times
+the calibrators of git revision REV (calibrators.py, histogram.py and mse_search.py loaded from git into this
+process), alternating with the working tree's in every round so that before and after share the machine's noise,
+and reports how far the ranges they chose differ. Each figure is the median over ``--rounds`` rounds. The table
+and its command go into the calibration block of ``--doc`` (docs/calibration.md; ``make bench`` runs ``--methods
+max,mse``).
 """
 from __future__ import annotations
 
