@@ -208,9 +208,9 @@ def main() -> int:
     times: dict[tuple[str, ...], list[float]] = {}
     chosen: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for r in range(args.rounds):
-        for what, timed in (("float", time_forward(float_model, batches)), ("hooks", hooks_only(qm, batches))):
-            times.setdefault((what,), []).append(timed[0])
-            times.setdefault((what, "wall"), []).append(timed[1])
+        for row, timed in (("float", time_forward(float_model, batches)), ("hooks", hooks_only(qm, batches))):
+            times.setdefault((row,), []).append(timed[0])
+            times.setdefault((row, "wall"), []).append(timed[1])
         for method in methods:
             for label, factory in variants.items():
                 fresh = qatkit.quantize(copy.deepcopy(float_model), args.recipe, (batches[0][:1],))
