@@ -8,6 +8,10 @@ and the final state_dict. One torch thread. Run it in a checkout of each commit,
     python scripts/runtime_dump.py dump /tmp/new.pt
     python scripts/runtime_dump.py compare /tmp/old.pt /tmp/new.pt   # exit 0: every tensor bit-identical
 
+A change to calibration moves the ranges and so everything after them. To check the rest of the run time alone,
+give both dumps ``--qparams FILE``: the first one calibrates and saves every quantizer's buffers there, the second
+loads them instead of calibrating.
+
 Float tensors are compared by their bits (so -0.0 and +0.0 differ).
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import copy
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,10 +56,18 @@ def tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def run(model: nn.Module, recipe: str, frozen: bool, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def run(model: nn.Module, recipe: str, frozen: bool, batches: list[torch.Tensor],
+        qparams: dict | None = None) -> tuple[list[torch.Tensor], dict]:
+    """One case's tensors, and its quantizer buffers after calibrating (or loading ``qparams`` instead)."""
     torch.manual_seed(0)
     qm = qatkit.quantize(copy.deepcopy(model), recipe, (batches[0][:1],))
-    qatkit.calibrate(qm, [batches[0]])
+    quantizers = qatkit.quantization_state(qm).quantizers
+    if qparams is None:
+        qatkit.calibrate(qm, [batches[0]])
+    else:
+        for key, q in quantizers.items():
+            q.load_state_dict(qparams[key])
+    used = {k: {b: v.clone() for b, v in q.state_dict().items()} for k, q in quantizers.items()}
     if frozen:
         qatkit.freeze(qm, bn=True)
     qm.train()
@@ -70,17 +83,24 @@ def run(model: nn.Module, recipe: str, frozen: bool, batches: list[torch.Tensor]
     qm.eval()
     with torch.no_grad():
         record += [t.clone() for t in tensors(qm(batches[1]))]
-    return record + [v.clone() for v in qm.state_dict().values()]
+    return record + [v.clone() for v in qm.state_dict().values()], used
 
 
-def dump(path: str) -> int:
+def dump(path: str, qparams_path: str | None = None) -> int:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(4, 3, 96, 96, generator=g) for _ in range(2)]
-    result = {(name, recipe, frozen): run(m, recipe, frozen, batches)
-              for name, m in models().items() for recipe in RECIPES for frozen in (False, True)}
+    loaded = torch.load(qparams_path) if qparams_path and Path(qparams_path).is_file() else None
+    result, saved = {}, {}
+    for name, m in models().items():
+        for recipe in RECIPES:
+            for frozen in (False, True):
+                key = (name, recipe, frozen)
+                result[key], saved[key] = run(m, recipe, frozen, batches, None if loaded is None else loaded[key])
     torch.save(result, path)
+    if qparams_path and loaded is None:
+        torch.save(saved, qparams_path)
     return 0
 
 
@@ -102,12 +122,15 @@ def compare(a_path: str, b_path: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("dump").add_argument("out")
+    dump_cmd = sub.add_parser("dump")
+    dump_cmd.add_argument("out")
+    dump_cmd.add_argument("--qparams", help="quantizer buffers: saved here after calibrating if the file is missing, "
+                                            "else loaded instead of calibrating")
     cmp = sub.add_parser("compare")
     cmp.add_argument("a")
     cmp.add_argument("b")
     args = ap.parse_args()
-    return dump(args.out) if args.command == "dump" else compare(args.a, args.b)
+    return dump(args.out, args.qparams) if args.command == "dump" else compare(args.a, args.b)
 
 
 if __name__ == "__main__":
