@@ -20,6 +20,8 @@ from .execute import SiteExecutor
 from .on_grid import VALUE_PRESERVING
 
 if TYPE_CHECKING:
+    from ..plan import Site
+    from ..tracing import Frame
     from .state import QuantState
 
 _RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -198,7 +200,7 @@ class ModelHooks:
             return self._quantize_paused(self.run.quantize_inputs, site, args)
         return None
 
-    def _leaf_output(self, site, output_frame):
+    def _leaf_output(self, site: Site, output_frame: tuple[object, Frame]):
         """A leaf layer's output through its site's output quantizer, unless its SiLU applies that itself."""
         output, frame = output_frame
         if self.state.silu_reads and self.run.defer_output(site, output, frame.key):
