@@ -43,7 +43,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str | None = None, *,
     state = quantization_state(model)
     if method is not None and method not in CALIBRATORS:
         raise RecipeError(f"unknown calibration method {method!r}; choose one of {', '.join(sorted(CALIBRATORS))}")
-    acts = [q for q in state.quantizers.values() if not (q.dynamic or q.fixed_range)]
+    acts = [q for q in state.quantizers.values() if q.calibrated_from_data]
     was_training = model.training
     model.eval()
     n = 0

@@ -35,7 +35,7 @@ def activation_histograms(model: nn.Module, batches: Iterable, count: int = 12, 
     range fixed in advance (a SiLU's sigmoid) are left out.
     """
     state = quantization_state(model)
-    acts = [q for q in state.quantizers.values() if not (q.dynamic or q.fixed_range)]
+    acts = [q for q in state.quantizers.values() if q.calibrated_from_data]
     chosen = acts[:: max(1, len(acts) // count)][:count]
     seen: dict[str, list[torch.Tensor]] = {q.name: [] for q in chosen}
     handles = [q.register_forward_pre_hook(lambda m, args: seen[m.name].append(args[0].detach().flatten()))

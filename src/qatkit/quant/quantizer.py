@@ -165,10 +165,16 @@ class FakeQuantizer(nn.Module):
         self.freeze_scale()
         self.fixed_range = True
 
+    @property
+    def calibrated_from_data(self) -> bool:
+        """Whether calibration sets this quantizer's range: an activation's, not a weight's (dynamic, its range
+        taken from the weight at every forward) nor one fixed in advance (:meth:`fix_range`)."""
+        return not (self.dynamic or self.fixed_range)
+
     def start_observing(self, method: str | None = None) -> None:
         """Begin collecting statistics with ``method`` (default: the scheme's calibrator); a quantizer of the
         weights (dynamic) or of a range known in advance (:meth:`fix_range`) has nothing to collect."""
-        if self.dynamic or self.fixed_range:
+        if not self.calibrated_from_data:
             return
         s = self.scheme
         method = method or s.calibrator
@@ -238,18 +244,20 @@ class FakeQuantizer(nn.Module):
     def plain(self) -> bool:
         """Whether :meth:`forward` is only the fake-quant with the stored scale: nothing observed or updated, not
         exporting, not learned (so a fused kernel may apply it instead)."""
-        s = self.scheme
-        if (self.observer_enabled or self.dynamic or s.scale_mode == "learned" or torch.onnx.is_in_onnx_export()
-                or (self.training and s.scale_mode == "ema" and not self._scale_frozen)):
+        if (self.observer_enabled or self.dynamic or self.scheme.scale_mode == "learned"
+                or torch.onnx.is_in_onnx_export() or self._ema_updating()):
             return False
         return self._fake_quant_on and self._calibrated
 
     def passes_through(self) -> bool:
         """Whether :meth:`forward` now returns its input as it is and records nothing (fake-quant off, nothing
         observed or updated): what only this quantizer reads need not be computed apart."""
-        if self._fake_quant_on or self.observer_enabled or self.dynamic:
-            return False
-        return not (self.training and self.scheme.scale_mode == "ema" and self._calibrated and not self._scale_frozen)
+        return not (self._fake_quant_on or self.observer_enabled or self.dynamic or self._ema_updating())
+
+    def _ema_updating(self) -> bool:
+        """Whether :meth:`forward` moves the range to each batch's (``scale_mode: ema`` in training, calibrated,
+        not frozen; not while exporting, which :meth:`forward` checks itself)."""
+        return self.training and self.scheme.scale_mode == "ema" and self._calibrated and not self._scale_frozen
 
     @property
     def is_calibrated(self) -> bool:
@@ -306,8 +314,7 @@ class FakeQuantizer(nn.Module):
                 raise DataError(f"quantizer {self.name!r}: {e}") from e
         if self.dynamic and not exporting:
             self._update_dynamic(x)
-        elif (self.training and self.scheme.scale_mode == "ema" and self.is_calibrated and not exporting
-              and not self._scale_frozen):
+        elif self._ema_updating() and not exporting:
             self._ema_update(x)
         if not self._fake_quant_on:
             return x
