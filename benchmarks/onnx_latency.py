@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnxruntime
 
-from qatkit.onnx_runtime import fused_op_counts, latency_ms
+from qatkit.targets.ort import fused_op_counts, latency_ms
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
 

@@ -22,7 +22,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 import qatkit
 from doc_block import write_block
 from onnx_latency import cpu_flags
-from qatkit.onnx_runtime import fused_op_counts, latency_ms
+from qatkit.targets.ort import fused_op_counts, latency_ms
 from speed import with_bn_statistics, yolov8n
 
 ROOT = Path(__file__).resolve().parents[1]

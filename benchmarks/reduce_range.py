@@ -13,7 +13,7 @@ import torch
 
 from qatkit import export_onnx, verify
 from qatkit.apps.eval.detect import evaluate, torch_predictor
-from qatkit.onnx_runtime import predictor, session
+from qatkit.targets.ort import predictor, session
 from qatkit.apps.runconfig import RunConfig
 from qatkit.apps.stages import datasets, load_float, ptq, val_batches
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peers import PEERS, Qatkit  # noqa: E402
 
 import qatkit  # noqa: E402
-from qatkit import onnx_runtime  # noqa: E402
+from qatkit.targets import ort  # noqa: E402
 from qatkit.apps.data import collate  # noqa: E402
 from qatkit.apps.eval.detect import evaluate, torch_predictor  # noqa: E402
 from qatkit.apps.runconfig import RunConfig  # noqa: E402
@@ -79,7 +79,7 @@ def run_tool(tool, float_model, batches, train, val, cfg, steps, out: Path, forw
         row["qat_error"] = _short(e)
     try:
         path = tool.export(model, example, out / f"{tool.__class__.__name__}.onnx")
-        row["ort_map"] = evaluate(onnx_runtime.predictor(onnx_runtime.session(path)), val)["map"]
+        row["ort_map"] = evaluate(ort.predictor(ort.session(path)), val)["map"]
         return row, path
     except Exception as e:  # noqa: BLE001
         row["export_error"] = _short(e)
@@ -126,7 +126,7 @@ def main() -> int:
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                             reduce_range=True, calibrate_method=method)
             row["calib_ratio"] = (time.perf_counter() - start) / forward_s
-            row["ort_map"] = evaluate(onnx_runtime.predictor(onnx_runtime.session(path)), val)["map"]
+            row["ort_map"] = evaluate(ort.predictor(ort.session(path)), val)["map"]
             paths[label] = path
         except Exception as e:  # noqa: BLE001
             row["error"] = _short(e)
@@ -135,10 +135,10 @@ def main() -> int:
     shape = (1, 3, cfg.img_size, cfg.img_size)  # latency last, all models in alternating rounds
     times: dict[str, list[float]] = {"fp32": []} | {k: [] for k, p in paths.items() if p is not None}
     for _ in range(2):
-        times["fp32"].append(onnx_runtime.latency_ms(fp32, shape, runs=args.latency_runs))
+        times["fp32"].append(ort.latency_ms(fp32, shape, runs=args.latency_runs))
         for k in times:
             if k != "fp32":
-                times[k].append(onnx_runtime.latency_ms(paths[k], shape, runs=args.latency_runs))
+                times[k].append(ort.latency_ms(paths[k], shape, runs=args.latency_runs))
     fp32_ms = statistics.median(times["fp32"])
     for row in rows:
         if row["tool"] in times:

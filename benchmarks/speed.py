@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import qatkit
-from qatkit import onnx_runtime
+from qatkit.targets import ort
 from qatkit.apps.runconfig import RunConfig
 from qatkit.apps.stages import datasets, image_batches, load_float
 
@@ -69,9 +69,9 @@ def measure(name: str, build, out: Path, rounds: int, runs: int) -> dict:
     times = {"fp32": [], "int8": []}
     for _ in range(rounds):
         for kind, path in (("fp32", fp32), ("int8", int8)):
-            times[kind].append(onnx_runtime.latency_ms(path, shape, runs=runs))
+            times[kind].append(ort.latency_ms(path, shape, runs=runs))
     fp32_ms, int8_ms = statistics.median(times["fp32"]), statistics.median(times["int8"])
-    ops = onnx_runtime.fused_op_counts(int8)
+    ops = ort.fused_op_counts(int8)
     float_ops = {k: v for k, v in ops.items() if not k.startswith(("QLinear", "Quantize", "Dequantize"))}
     return {"model": name, "size": size, "fp32_ms": fp32_ms, "int8_ms": int8_ms, "ratio": fp32_ms / int8_ms,
             "qlinear": sum(v for k, v in ops.items() if k.startswith("QLinear")), "float_ops": float_ops}

@@ -36,7 +36,7 @@ from qatkit.apps.eval.yolo_map import yolo_map  # noqa: E402
 from qatkit.apps.run_yolo import finetune_overrides  # noqa: E402
 from qatkit.apps.runconfig import default_yolo  # noqa: E402
 from qatkit.integrations.ultralytics import train as qatkit_train  # noqa: E402
-from qatkit.onnx_runtime import latency_ms  # noqa: E402
+from qatkit.targets.ort import latency_ms  # noqa: E402
 
 DOC = Path(__file__).parent.parent / "docs" / "ultralytics.md"
 BEGIN, END = "<!-- BENCH:BEGIN -->", "<!-- BENCH:END -->"

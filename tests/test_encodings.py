@@ -22,13 +22,13 @@ from test_model_matrix import build
 from torch import nn
 
 import qatkit
-from qatkit.onnx_graph import constant_values
+from qatkit.export.graph import constant_values
 from qatkit.apps import cli
 from qatkit.capture import tensors_of
 from qatkit.encodings import read_encodings, strip_qdq
 from qatkit.encodings.grid import ENTRY_KEYS
 from qatkit.errors import NotCalibratedError, QatkitError
-from qatkit.onnx_runtime import fused_op_counts, session
+from qatkit.targets.ort import fused_op_counts, session
 
 W4A6 = {"base": "onnxruntime", "name": "w4a6", "activation": {"bits": 6}, "weight": {"bits": 4}}
 CASES = {  # id: (model, recipe)

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import qatkit
-from qatkit.onnx_runtime import fused_op_counts
+from qatkit.targets.ort import fused_op_counts
 
 RECIPES = ["onnxruntime", "tensorrt"]
 # the onnxruntime recipe's own calibrator (mse) costs ~0.5 s per quantizer on 2 cores: use 'max' there, and the

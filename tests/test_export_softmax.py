@@ -1,4 +1,4 @@
-"""Export's Softmax rewrite (qatkit.export_softmax): an inner-axis float Softmax, as YOLOv8's DFL takes it, becomes
+"""Export's Softmax rewrite (qatkit.export.softmax): an inner-axis float Softmax, as YOLOv8's DFL takes it, becomes
 ReduceMax/Sub/Exp/ReduceSum/Div under the ``onnxruntime`` recipe; ORT then computes the same values."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import qatkit
-from qatkit.export_softmax import decompose_softmax
+from qatkit.export.softmax import decompose_softmax
 
 
 class DflNet(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qatkit
-from qatkit.onnx_graph import constant_values
+from qatkit.export.graph import constant_values
 from qatkit.apps.models.detector import DetectorConfig, TinyYolo
 
 

@@ -16,7 +16,7 @@ from test_int16 import zero_point_types
 
 import qatkit
 from qatkit.errors import QatkitError
-from qatkit.runtimes import RUNTIMES, open_runtime
+from qatkit.targets import RUNTIMES, open_runtime
 
 if os.environ.get("CI"):  # CI installs every extra: there a missing OpenVINO fails instead of skipping
     import openvino  # noqa: F401

@@ -34,9 +34,9 @@ from .capture import tensors_of
 from .errors import DataError, QatkitError
 from .quant.quantizer import FakeQuantizer
 from .quantize import as_inputs, quantization_state
-from .onnx_graph import constant_values
+from .export.graph import constant_values
 from .runtime.layer_cache import kept_layers
-from .runtimes import Predictor, Runtime, open_runtime
+from .targets import Predictor, Runtime, open_runtime
 
 STEP_TOLERANCE = 1e-4  # relative slack on "one step" for float rounding in the comparison itself
 Metric = Callable[[Predictor], float]
@@ -170,7 +170,7 @@ def verify(model: nn.Module, onnx_path: str | Path, batches: Iterable, *, runtim
         model: the quantized (or float) PyTorch model the ONNX file was exported from; left in its train/eval mode.
         onnx_path: the exported ONNX file.
         batches: inputs to compare on: tensors, or tuples/dicts of them, as ``quantize``'s example inputs.
-        runtime: ``"onnxruntime"`` or ``"openvino"`` (see :mod:`qatkit.runtimes`).
+        runtime: ``"onnxruntime"`` or ``"openvino"`` (see :mod:`qatkit.targets`).
         metric: ``metric(predict) -> float`` with ``predict: images -> list of output tensors``; evaluated on the
             PyTorch model (``torch_map``) and on the runtime (``onnx_map``).
         threads: the runtime's threads (``None``: its default).

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from torch import nn
 
-from ..onnx_graph import constant_values
+from ..export.graph import constant_values
 from ..plan import slot
 from ..quant.qparams import MIN_RANGE, collapsed, scale_floor
 from ..quantize import quantization_state

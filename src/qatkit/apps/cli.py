@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", default="runs/demo/qat.pt")
     p.add_argument("--onnx", default="runs/demo/model.qdq.onnx")
-    from ..runtimes import RUNTIMES
+    from ..targets import RUNTIMES
 
     p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime")
     p.add_argument("--precision", default="f32", help="float precision of the runtime's non-integer parts "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import onnx_runtime
+from ..targets import ort
 from .eval.detect import evaluate, torch_predictor
 from ..export import export_onnx
 from .runconfig import RunConfig
@@ -75,7 +75,7 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
     float_map = evaluate(torch_predictor(float_model), val, quiet=cfg.quiet, description="eval float")["map"]
     log(f"float mAP {float_map:.4f}")
     fp32_path = export_onnx(float_model, example, out / "model.fp32.onnx")
-    fp32_map = evaluate(onnx_runtime.predictor(onnx_runtime.session(fp32_path)), val, quiet=cfg.quiet,
+    fp32_map = evaluate(ort.predictor(ort.session(fp32_path)), val, quiet=cfg.quiet,
                         description="eval fp32 onnx")["map"]
 
     qm = ptq(cfg, float_model, train)
@@ -94,8 +94,8 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
     ov = verify(qm, qat_path, val_batches(val, cfg.batch_size), runtime="openvino", metric=metric)
     log(f"OpenVINO int8 mAP {ov.onnx_map:.4f}, layer-wise within one step {ov.within_one_step:.5f}")
 
-    fp32_ms = onnx_runtime.latency_ms(fp32_path, shape, runs=cfg.latency_runs)
-    int8_ms = onnx_runtime.latency_ms(qat_path, shape, runs=cfg.latency_runs)
+    fp32_ms = ort.latency_ms(fp32_path, shape, runs=cfg.latency_runs)
+    int8_ms = ort.latency_ms(qat_path, shape, runs=cfg.latency_runs)
     summary = {
         "float_map": float_map, "ptq_map": ptq_map, "qat_map": report.torch_map,
         "onnx_fp32_map": fp32_map, "onnx_int8_map": report.onnx_map,
@@ -105,7 +105,7 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
         "free_running_max_steps": report.free_running_max_steps,
         "fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms,
         "recipe": cfg.recipe, "method": cfg.method, "qat_steps": cfg.qat_steps,
-        "ort_ops": onnx_runtime.fused_op_counts(qat_path),
+        "ort_ops": ort.fused_op_counts(qat_path),
         "openvino_int8_map": ov.onnx_map, "openvino_within_one_step": ov.within_one_step,
         "openvino_free_running_within_one_step": ov.free_running_within_one_step,
         "openvino_worst_layers": ov.worst_layers,

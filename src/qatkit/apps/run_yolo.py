@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import onnx_runtime
+from ..targets import ort
 from ..calibrate import uncalibrated
 from ..errors import QatkitError
 from ..quantize import freeze
@@ -165,8 +165,8 @@ def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=pr
     report = verify(qm, qdq_path, yolo_images(data, "val", imgsz=imgsz, batch=opts.batch),
                     metric=map_of)
     log(f"QAT (PyTorch) mAP@0.5:0.95 {report.torch_map:.4f}, int8 ONNX (ORT) {report.onnx_map:.4f}")
-    fp32_ms = onnx_runtime.latency_ms(fp32_path, shape, runs=opts.latency_runs)
-    int8_ms = onnx_runtime.latency_ms(qdq_path, shape, runs=opts.latency_runs)
+    fp32_ms = ort.latency_ms(fp32_path, shape, runs=opts.latency_runs)
+    int8_ms = ort.latency_ms(qdq_path, shape, runs=opts.latency_runs)
     summary = {
         "model": source.spec, "data": str(data),
         "float_map": float_map, "ptq_map": ptq_map, "qat_map": report.torch_map,
@@ -177,7 +177,7 @@ def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=pr
         "recipe": opts.recipe if isinstance(opts.recipe, str) else "custom",
         "imgsz": imgsz, "epochs": opts.epochs, "fraction": opts.fraction, "resumed": opts.resume,
         "calibration_seconds": result.calibration_seconds, "qat_epoch_seconds": result.epoch_seconds,
-        "ort_ops": onnx_runtime.fused_op_counts(qdq_path), "torch": torch.__version__,
+        "ort_ops": ort.fused_op_counts(qdq_path), "torch": torch.__version__,
         "seconds": round(time.time() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

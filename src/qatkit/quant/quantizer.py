@@ -35,7 +35,7 @@ def _qparams_np(scale: torch.Tensor, zero_point: torch.Tensor | None,
 
 # The TorchScript exporter knows no 16-bit integer constants and stops at opset 20, while QuantizeLinear takes
 # int16/uint16 from opset 21. So a 16-bit Q/DQ is traced as a ``qatkit::`` node holding its zero point (and weight
-# codes) in int32 plus the container type; qatkit.export_int16 then rewrites it into the standard op at opset 21.
+# codes) in int32 plus the container type; qatkit.export.int16 then rewrites it into the standard op at opset 21.
 INT16_DOMAIN = "qatkit"
 INT16_CONTAINERS = ("int16", "uint16")
 
@@ -93,7 +93,7 @@ class _DequantConstExport(torch.autograd.Function):
 def export_dequant_const(q_int: np.ndarray, y: torch.Tensor, scale: np.ndarray, zero_point: np.ndarray | None,
                          axis: int | None) -> torch.Tensor:
     """During export: an integer constant ``q_int`` followed by DequantizeLinear, numerically ``y``."""
-    if q_int.dtype.name in INT16_CONTAINERS:  # traced as int32, narrowed by qatkit.export_int16
+    if q_int.dtype.name in INT16_CONTAINERS:  # traced as int32, narrowed by qatkit.export.int16
         q_int = q_int.astype(np.int32)
     return _DequantConstExport.apply(torch.from_numpy(q_int), y, scale, zero_point, axis if scale.ndim else None)
 

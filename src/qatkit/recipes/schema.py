@@ -52,7 +52,7 @@ class Recipe(BaseModel):
     quantize_model_input: bool = True
     quantize_model_outputs: bool = True  # False: the layers producing model outputs compute them in high precision
     # export: a float Softmax over a non-last axis (YOLOv8's DFL) is written as ReduceMax/Sub/Exp/ReduceSum/Div,
-    # which ONNX Runtime's CPU runs 6x faster (qatkit.export_softmax); same function, numerically within 1e-6
+    # which ONNX Runtime's CPU runs 6x faster (qatkit.export.softmax); same function, numerically within 1e-6
     decompose_softmax: bool = False
     skip: list[str] = []  # module-name regexes kept float (shorthand for rules with skip: true)
     rules: list[Rule] = []  # per-layer overrides, see qatkit.recipes.rules for matching and priority

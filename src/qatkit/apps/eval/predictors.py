@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from ...errors import QatkitError
-from ...runtimes import open_runtime
+from ...targets import open_runtime
 
 Predictor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 
@@ -48,7 +48,7 @@ def input_shape(path: str | Path) -> list[int | None]:
 
 def onnx_predictor(path: str | Path, runtime: str = "onnxruntime", *, threads: int | None = None,
                    precision: str = "f32") -> Predictor:
-    """``images -> list of output tensors`` of an ONNX file on a CPU runtime (:func:`qatkit.runtimes.open_runtime`).
+    """``images -> list of output tensors`` of an ONNX file on a CPU runtime (:func:`qatkit.targets.open_runtime`).
 
     A fixed batch dimension is honoured by running chunks of that size and padding the last one (module docstring);
     a fixed height/width that differs from the images' raises.

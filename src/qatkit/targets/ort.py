@@ -1,4 +1,5 @@
-"""ONNX Runtime helpers shared by verify, the demo and the benchmarks: sessions, predictors, latency."""
+"""ONNX Runtime (CPU) as a target: the :class:`~qatkit.targets.base.Runtime` verify uses, and the session, predictor
+and latency helpers the demo and the benchmarks share."""
 from __future__ import annotations
 
 import time
@@ -8,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
+from .base import Runtime
 
 
 def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
@@ -63,3 +66,24 @@ def fused_op_counts(path: str | Path) -> dict[str, int]:
         for node in onnx.load(str(out)).graph.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime's CPU provider with all graph optimisations (its QDQ fusions into QLinear* kernels)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, precision: str = "f32") -> None:
+        super().__init__(path, threads=threads, precision=precision)
+        self.session = session(path, threads)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feed)

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
-from .errors import QatkitError
-from .onnx_graph import constant_tensors
-from .quant.quantizer import INT16_CONTAINERS, INT16_DOMAIN
+from ..errors import QatkitError
+from .graph import constant_tensors
+from ..quant.quantizer import INT16_CONTAINERS, INT16_DOMAIN
 
 OPSET_INT16 = 21  # first opset whose QuantizeLinear/DequantizeLinear take int16/uint16
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_graph import constant_values
+from .graph import constant_values
 
 SHIFTS = {np.dtype(np.int8): (np.uint8, 128), np.dtype(np.int16): (np.uint16, 32768)}
 

@@ -14,14 +14,14 @@ import onnx
 import torch
 from torch import nn
 
-from .calibrate import uncalibrated
-from .errors import NotCalibratedError
-from .capture import tensors_of
-from .quantize import as_inputs
-from .export_int16 import widen_int16
-from .export_softmax import decompose_softmax as _decompose_softmax
-from .unsigned_activations import to_unsigned_activations
-from .quant.quantizer import INT16_DOMAIN
+from ..calibrate import uncalibrated
+from ..capture import tensors_of
+from ..errors import NotCalibratedError
+from ..quant.quantizer import INT16_DOMAIN
+from ..quantize import as_inputs
+from .int16 import widen_int16
+from .softmax import decompose_softmax as _decompose_softmax
+from .unsigned import to_unsigned_activations
 
 OPSET = 17
 
@@ -35,13 +35,13 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
         model: a calibrated quantized model (or a float one).
         example_inputs: a tensor or tuple of tensors the model's forward takes.
         path: the ONNX file to write (atomically).
-        opset: ONNX opset (16-bit grids raise it to 21, see qatkit.export_int16).
+        opset: ONNX opset (16-bit grids raise it to 21, see qatkit.export.int16).
         dynamic_batch: the batch dimension of inputs and outputs is symbolic.
         unsigned_activations: write signed activation grids on the equivalent unsigned container (int8 zero point
             z -> uint8 z + 128: the same real values). For OpenVINO, which miscomputes some signed-int8 activation
             graphs (docs/openvino.md); not for TensorRT, which wants zero point 0.
         decompose_softmax: write each float Softmax over a non-last axis (YOLOv8's DFL) as reductions and
-            element-wise ops, which ONNX Runtime's CPU runs several times faster (qatkit.export_softmax). None: as
+            element-wise ops, which ONNX Runtime's CPU runs several times faster (qatkit.export.softmax). None: as
             the recipe says (on for ``onnxruntime``); a float model's export leaves Softmax alone unless True.
 
     Raises:
@@ -90,16 +90,16 @@ def export_onnx(model: nn.Module, example_inputs, path: str | Path, *, opset: in
 
 
 def _has_int16(model: nn.Module) -> bool:
-    """Whether any quantizer's codes need a 16-bit container (exported through qatkit.export_int16)."""
+    """Whether any quantizer's codes need a 16-bit container (exported through qatkit.export.int16)."""
     state = getattr(model, "_qatkit", None)
     return state is not None and any(q.scheme.container_bits == 16 for q in state.quantizers.values())
 
 
 def _finish(path: Path, props: dict[str, str], unsigned_activations: bool, softmax: bool) -> None:
     """Add what ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes, turn
-    16-bit Q/DQ stand-ins into standard opset-21 nodes (qatkit.export_int16) and, if asked, put signed activation
-    grids on unsigned containers (qatkit.unsigned_activations) and decompose inner-axis Softmax
-    (qatkit.export_softmax); one load and save."""
+    16-bit Q/DQ stand-ins into standard opset-21 nodes (qatkit.export.int16) and, if asked, put signed activation
+    grids on unsigned containers (qatkit.export.unsigned) and decompose inner-axis Softmax
+    (qatkit.export.softmax); one load and save."""
     model = onnx.load(str(path))
     for key, value in props.items():
         entry = model.metadata_props.add()
