@@ -161,6 +161,18 @@ def test_onnx_is_valid_with_opset_13_or_later(pipe):
     assert not any("FakeQuant" in op for op in ops)
 
 
+def test_every_quantize_and_dequantize_reads_initializers_with_a_zero_point(pipe):
+    # legal ONNX may leave it out, but vendor compilers are tested on files that always write it (quantize_static's)
+    # (and keep every constant as an initializer, as quantize_static does: no Constant nodes)
+    graph = pipe.onnx_model.graph
+    initializers = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "Constant"]
+    nodes = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert nodes
+    for node in nodes:
+        assert len(node.input) == 3 and set(node.input[1:]) <= initializers, (node.name, list(node.input))
+
+
 def test_ort_agrees_with_pytorch_within_one_step(pipe):
     # calibration batches, a batch of 2 (dynamic batch axis) and out-of-range inputs that exercise clipping
     data = batches(1, 2) + batches(5, 1, batch=2) + batches(6, 2, lo=-0.5, hi=1.8)
@@ -241,8 +253,9 @@ def test_conv_bias_goes_through_int32_dequantize(pipe):
         assert q.dtype == np.int32 and q.ndim == 1
         scale = pipe.consts[dq.input[1]]
         assert scale.shape == q.shape  # per output channel: s_in * s_w[c]
-        if len(dq.input) > 2:
-            assert not pipe.consts[dq.input[2]].any()
+        # the zero point written out (rknn-toolkit2's compiler fails without it): int32 zeros, one per channel
+        zp = pipe.consts[dq.input[2]]
+        assert zp.dtype == np.int32 and zp.shape == scale.shape and not zp.any()
     # the head's bias (no BN) is its own bias on the int32 grid
     head = next(c for c in convs if c.name.startswith("/head"))
     dq = prod[head.input[2]]

@@ -1,8 +1,8 @@
 """Float ONNX + encodings -> QDQ ONNX: re-insert QuantizeLinear/DequantizeLinear exactly as qatkit's export writes them.
 
 * A parameter encoding turns its float initializer into integer codes (round half to even, clipped to the grid)
-  read by a DequantizeLinear that takes over the initializer's name: int8/uint8/int16 weights with a zero point,
-  int32 biases without one; ``axis`` from the reading op (1 for ConvTranspose, the last for MatMul, else 0).
+  read by a DequantizeLinear that takes over the initializer's name, with its zero point written out (int32 biases:
+  0) as qatkit's export does; ``axis`` from the reading op (1 for ConvTranspose, the last for MatMul, else 0).
 * An activation encoding on a tensor made by a node renames that output to ``<name>/float`` and adds
   ``[Clip] -> QuantizeLinear -> DequantizeLinear`` writing ``<name>``, so every reader (and a graph output)
   now reads the quantized value. On a graph input the readers are moved to ``<name>/dq`` instead.
@@ -82,9 +82,8 @@ class _Builder:
         per_channel = len(grids) > 1
         scale = np.array([gr.scale for gr in grids], np.float32)
         zp = np.array([c.zero_point for c in containers], dtype)
-        names = [self.const(f"{name}/scale", scale if per_channel else scale.reshape(()))]
-        if dtype != np.int32:  # int32 biases carry no zero point (qatkit's export; ONNX requires it to be 0)
-            names.append(self.const(f"{name}/zero_point", zp if per_channel else zp.reshape(())))
+        names = [self.const(f"{name}/scale", scale if per_channel else scale.reshape(())),
+                 self.const(f"{name}/zero_point", zp if per_channel else zp.reshape(()))]  # explicit, as the export
         return names, containers
 
     def param(self, name: str, grids: list[Grid]) -> None:

@@ -19,6 +19,7 @@ from ..capture import tensors_of
 from ..errors import NotCalibratedError
 from ..quant.quantizer import INT16_DOMAIN
 from ..quantize import as_inputs
+from .initializers import constants_to_initializers
 from .int16 import widen_int16
 from .softmax import decompose_softmax as _decompose_softmax
 from .unsigned import to_unsigned_activations
@@ -99,7 +100,8 @@ def _finish(path: Path, props: dict[str, str], unsigned_activations: bool, softm
     """Add what ``qatkit inspect`` needs to tell layers kept float on purpose from placement mistakes, turn
     16-bit Q/DQ stand-ins into standard opset-21 nodes (qatkit.export.int16) and, if asked, put signed activation
     grids on unsigned containers (qatkit.export.unsigned) and decompose inner-axis Softmax
-    (qatkit.export.softmax); one load and save."""
+    (qatkit.export.softmax); then every Constant node becomes an initializer, where vendor compilers look for Q/DQ
+    parameters (qatkit.export.initializers); one load and save."""
     model = onnx.load(str(path))
     for key, value in props.items():
         entry = model.metadata_props.add()
@@ -109,4 +111,5 @@ def _finish(path: Path, props: dict[str, str], unsigned_activations: bool, softm
         to_unsigned_activations(model)
     if softmax:
         _decompose_softmax(model)
+    constants_to_initializers(model)
     onnx.save(model, str(path))

@@ -391,5 +391,8 @@ def quantize_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = torch.clamp(torch.round(bias / scale), -_INT32_F32_MAX, _INT32_F32_MAX)
     y = bias + (q * scale - bias).detach()  # straight-through
     if torch.onnx.is_in_onnx_export():
-        return export_dequant_const(q.detach().cpu().numpy().astype(np.int32), y, _qparams_np(scale, None)[0], None, 0)
+        # the zero point (0, ONNX's default) written out: vendor compilers (rknn-toolkit2) fail on a DequantizeLinear
+        # without one, and ORT's quantize_static always writes it (docs/targets.md)
+        s = _qparams_np(scale, None)[0]
+        return export_dequant_const(q.detach().cpu().numpy().astype(np.int32), y, s, np.zeros(s.shape, np.int32), 0)
     return y
