@@ -27,6 +27,7 @@ RECIPES = ["onnxruntime", "tensorrt"]
 # OpenVINO 2026.4.1 computes the signed-int8 (tensorrt) export of the demo detector wrongly, and the same grid written
 # unsigned exactly (docs/openvino.md). The test asserts the signed file still diverges, so a fixed OpenVINO shows up.
 OPENVINO_SIGNED_DIVERGES = {"tensorrt"}
+CPU_RUNTIMES = [r for r in RUNTIMES if r != "rknn"]  # the NPU simulator's contract is tested in test_rknn.py
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _recipe(exported: Exported) -> str:
 
 
 # ---------------------------------------------------------------- the runtime contract
-@pytest.mark.parametrize("runtime", list(RUNTIMES))
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
 def test_runtime_outputs_follow_the_onnx_graph(small, runtime):
     rt = open_runtime(small.path, runtime, threads=1)
     assert rt.name == runtime and rt.input_names == ["images"]
@@ -105,7 +106,7 @@ def test_openvino_defaults_to_f32_even_where_the_cpu_has_bf16(small):
 
 
 def test_unknown_runtime_and_precision_name_the_valid_ones(small):
-    with pytest.raises(QatkitError, match="valid runtimes: onnxruntime, openvino"):
+    with pytest.raises(QatkitError, match="valid runtimes: onnxruntime, openvino, rknn"):
         qatkit.verify(small.net, small.path, small.data, runtime="tensorrt")
     with pytest.raises(QatkitError, match="valid: f32, bf16, f16"):
         open_runtime(small.path, "openvino", precision="int4")
@@ -149,10 +150,21 @@ def test_unsigned_export_is_the_same_model(demo):
     assert set(zero_points) == {"uint8"}, zero_points
 
 
+def _cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
 @pytest.mark.parametrize("demo", sorted(OPENVINO_SIGNED_DIVERGES), indirect=True)
 def test_openvino_still_miscomputes_the_signed_export(demo):
-    """The OpenVINO defect behind unsigned_activations: when this fails, OpenVINO fixed it; update docs/openvino.md."""
+    """The OpenVINO defect behind unsigned_activations, and that verify names the fix where it shows. It depends on
+    the CPU's kernels: seen on AMD EPYC (avx512_vnni, no AMX), not on an Intel Xeon with AMX (docs/openvino.md), where
+    the test reports that OpenVINO agrees instead of failing; where it fails, OpenVINO fixed it: update the docs."""
     ov = qatkit.verify(demo.net, demo.path, demo.data, runtime="openvino")
+    if ov.within_one_step >= 0.999 and "amx_int8" in _cpu_flags():
+        pytest.skip(f"OpenVINO computes the signed export right on this CPU with AMX (layer-wise "
+                    f"{ov.within_one_step:.5f}): the defect is in a kernel path it does not take")
     assert ov.within_one_step < 0.999 and ov.worst_layers and set(ov.reasons) == {k for k, _ in ov.worst_layers}
     assert all("unsigned_activations=True" in why for why in ov.reasons.values()), ov.reasons  # names the fix
 
@@ -168,7 +180,7 @@ def test_metric_is_computed_on_pytorch_and_on_the_runtime(demo, shapes):
         seen.append(predict)
         return evaluate(predict, val)["map"]
 
-    runtimes = list(RUNTIMES)
+    runtimes = CPU_RUNTIMES
     for runtime in runtimes:
         path = demo.unsigned_path if runtime == "openvino" else demo.path
         report = qatkit.verify(demo.net, path, demo.data, runtime=runtime, metric=metric)
@@ -190,5 +202,10 @@ def test_verify_takes_a_metric_not_a_dataset():
 def test_bf16_precision_is_reported_and_blamed(demo):
     """Asked for bf16, OpenVINO's float parts lose mantissa bits; where a layer disagrees, the reason says so."""
     report = qatkit.verify(demo.net, demo.path, demo.data, runtime="openvino", precision="bf16")
-    assert report.precision == "bf16" and report.reasons
+    assert report.precision == "bf16"
     assert all("bf16" in why for why in report.reasons.values())
+    if not report.reasons:  # no layer beyond one step on this CPU (seen on an Intel Xeon with AMX): bf16 still ran,
+        f32 = qatkit.verify(demo.net, demo.path, demo.data, runtime="openvino")  # as the free-running outputs show
+        assert report.free_running_within_one_step < f32.free_running_within_one_step, (report, f32)
+    else:
+        assert report.worst_layers
