@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import qatkit
+from qatkit.export.graph import constant_tensors
 from qatkit.apps import cli
 from qatkit.analysis import inspect as ins
 from qatkit.quant.qparams import MIN_RANGE, range_to_qparams, scale_floor
@@ -118,8 +119,8 @@ def test_inspect_lists_the_collapsed_quantizers_of_a_model(calibrated):
 def test_a_foreign_onnx_scale_below_the_floor_is_a_problem(calibrated, tmp_path):
     model = onnx.load(str(qatkit.export_onnx(calibrated, (X,), tmp_path / "m.onnx")))
     name = next(n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear")
-    scale = next(n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.output[0] == name)
-    scale.CopyFrom(numpy_helper.from_array(np.float32(1e-12)))  # aimet#4054's kind of scale, and smaller
+    scale = constant_tensors(model.graph)[name]  # an initializer (qatkit's export) or a Constant node (others')
+    scale.CopyFrom(numpy_helper.from_array(np.float32(1e-12), scale.name))  # aimet#4054's kind of scale, and smaller
     onnx.save(model, str(tmp_path / "tiny.onnx"))
     assert ins.lint_onnx(tmp_path / "tiny.onnx")["scales below the floor (scale x grid < 0.0001)"] >= 1
     assert cli.main(["inspect", str(tmp_path / "tiny.onnx"), "--strict"]) == 1
