@@ -3,10 +3,13 @@
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.qatkit-installed
+# Rockchip's rknn-toolkit2 pins numpy 1.26 / onnx 1.18: its own environment, which qatkit drives in a subprocess
+RKNN_VENV := .venv-rknn
+RKNN_STAMP := $(RKNN_VENV)/.qatkit-installed
 # OpenMP threads that spin-wait collapse throughput when two processes share the 2 cores.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: .venv demo test bench default-yolo clean
+.PHONY: .venv .venv-rknn demo test bench default-yolo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -15,11 +18,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 .venv: $(STAMP)
 
+$(RKNN_STAMP): $(STAMP) src/qatkit/targets/rknn_env.py
+	$(VENV)/bin/qatkit targets install rknn --venv $(RKNN_VENV)
+	@touch $(RKNN_STAMP)
+
+.venv-rknn: $(RKNN_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/qatkit demo
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+# the suite drives the real rknn-toolkit2 too (tests/test_rknn.py), in .venv-rknn
+test: $(STAMP) $(RKNN_STAMP)
+	QATKIT_RKNN_PYTHON=$(CURDIR)/$(RKNN_VENV)/bin/python $(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run.py

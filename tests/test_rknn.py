@@ -159,3 +159,53 @@ def test_yolov8n_qat_export_compiles_and_runs_in_the_simulator(toolkit, yolo_qat
     assert report.within_one_step >= LAYERWISE, (recipe, report.worst_layers)
     # npu-int8-sym leaves the outputs float: the box decode, which the NPU computes in fp16 (measured 0.983 here)
     assert report.outputs_within_one_step >= (0.97 if recipe == "npu-int8-sym" else 0.99), (recipe, report)
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def rknn_run(toolkit, tiny_yolo_pt, tiny_yolo_data, tmp_path_factory) -> Path:
+    from qatkit.apps.cli import main
+
+    out = tmp_path_factory.mktemp("run-rknn")
+    assert main(["run", "--model", str(tiny_yolo_pt), "--data", tiny_yolo_data, "--out", str(out), "--img-size", "64",
+                 "--batch", "8", "--calib-batches", "2", "--epochs", "1", "--recipe", "npu-uint8", "--quiet",
+                 "--target", "rknn", "--platform", "rk3588"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_run_with_target_rknn_ends_with_the_rknn_file_and_its_simulator_map(rknn_run):
+    import json
+
+    s = json.loads((rknn_run / "summary.json").read_text())
+    assert Path(s["rknn_file"]) == (rknn_run / "model.rknn").resolve() and Path(s["rknn_file"]).stat().st_size > 1e6
+    assert s["rknn_platform"] == "rk3588" and s["recipe"] == "npu-uint8"
+    assert s["rknn_within_one_step"] >= LAYERWISE, s["rknn_worst_layers"]
+    assert s["qat_map"] > 0 and abs(s["rknn_int8_map"] - s["qat_map"]) <= MAP_GAP, (s["rknn_int8_map"], s["qat_map"])
+    assert "rknn-toolkit2 simulator" in (rknn_run / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_export_target_rknn_writes_the_qdq_file_and_the_rknn_file(rknn_run, tmp_path, capsys):
+    from qatkit.apps.cli import main
+
+    out = tmp_path / "deploy" / "yolo.rknn"
+    assert main(["export", "--checkpoint", str(rknn_run / "qat.pt"), "--target", "rknn", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1e6 and (tmp_path / "deploy" / "yolo.qdq.onnx").is_file()
+    printed = capsys.readouterr().out
+    assert f"wrote {out.resolve()}" in printed
+    assert main(["export", "--checkpoint", str(rknn_run / "qat.pt"), "--target", "rknn", "--platform", "rk9999",
+                 "--out", str(tmp_path / "x.rknn")]) == 2
+    assert "unknown rknn platform 'rk9999'" in capsys.readouterr().err and not (tmp_path / "x.qdq.onnx").exists()
+
+
+def test_targets_list_says_what_runs_here(capsys, monkeypatch, tmp_path):
+    from qatkit.apps.cli import main
+
+    monkeypatch.setenv(rknn_env.PYTHON_ENV, str(tmp_path / "python"))
+    assert main(["targets", "list"]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(lines) == {"onnxruntime", "openvino", "rknn"}
+    assert lines["onnxruntime"].startswith("ready") and "qatkit targets install rknn" in lines["rknn"]
+    assert main(["targets", "install", "tensorrt"]) == 2
+    assert "name a target to install (rknn)" in capsys.readouterr().err

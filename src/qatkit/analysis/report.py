@@ -165,6 +165,11 @@ def write_report(out: str | Path, summary: dict, model: nn.Module, *, sensitivit
             ("ORT latency fp32 / int8 (ms)", f"{summary['fp32_ms']:.2f} / {summary['int8_ms']:.2f} "
                                              f"({summary['fp32_ms'] / summary['int8_ms']:.2f}x)"),
             ("recipe", str(summary.get("recipe")))]
+    if summary.get("rknn_int8_map") is not None:  # qatkit run --target rknn
+        rows[-1:-1] = [(f"int8 .rknn mAP (rknn-toolkit2 simulator, {summary['rknn_platform']})",
+                        f"{summary['rknn_int8_map']:.4f}"),
+                       ("layer-wise rknn simulator = PyTorch within one step",
+                        f"{summary['rknn_within_one_step']:.5f}")]
     lint = lint_model(model)
     quantizers = format_report(model_rows(model), lint)
     titles = {"accuracy": "Accuracy and latency", "sensitivity": "Sensitivity (keep-float set in red)",

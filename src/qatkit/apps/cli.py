@@ -1,4 +1,4 @@
-"""``qatkit`` command line: run, demo, train-float, calibrate, qat, export, verify, inspect, sensitivity.
+"""``qatkit`` command line: run, demo, train-float, calibrate, qat, export, verify, inspect, sensitivity, targets.
 
 Every stage reads a run config (``--config run.yaml``, see :mod:`qatkit.apps.runconfig`) plus flags, and writes a file
 the next stage starts from: float checkpoint -> ptq.pt -> qat.pt -> model.qdq.onnx -> verify report.
@@ -46,6 +46,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    "running statistics, BN folded as deployed: right for fine-tuning a trained model)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted QAT run in --out")
     p.add_argument("--quiet", action="store_true", default=None, help="no progress bars")
+    _target_flags(p, "also compile model.rknn and check it in rknn-toolkit2's simulator (layer-wise and mAP)")
+
+
+def _target_flags(p: argparse.ArgumentParser, rknn: str) -> None:
+    p.add_argument("--target", choices=("onnx", "rknn"), default="onnx", help=f"onnx: the QDQ ONNX file; rknn: {rknn}"
+                   " (docs/targets.md; the toolkit installs with `qatkit targets install rknn`)")
+    p.add_argument("--platform", default="rk3588", help="the Rockchip chip for --target rknn (rk3588, rk3576, "
+                   "rk3568, rk3566, rk3562, rv1106, ...)")
 
 
 def _run_command(args: argparse.Namespace) -> None:
@@ -60,7 +68,8 @@ def _run_command(args: argparse.Namespace) -> None:
         from .runconfig import load_run_config
 
         cfg = load_run_config(None, model=model, data=data, recipe=args.recipe, out=args.out, quiet=args.quiet,
-                              qat_steps=args.qat_steps, calib_batches=args.calib_batches)
+                              qat_steps=args.qat_steps, calib_batches=args.calib_batches, target=args.target,
+                              platform=args.platform)
         run_demo(_demo_only(cfg, "run"))
         return
     if data is None or Path(data).suffix.lower() not in (".yaml", ".yml"):
@@ -70,7 +79,8 @@ def _run_command(args: argparse.Namespace) -> None:
 
     opts = YoloRunOptions(recipe=args.recipe, out=Path(args.out), epochs=args.epochs, fraction=args.fraction,
                           imgsz=args.img_size, batch=args.batch, calib_batches=args.calib_batches, lr0=args.lr or None,
-                          freeze_bn=not args.live_bn, resume=args.resume, quiet=bool(args.quiet))
+                          freeze_bn=not args.live_bn, resume=args.resume, quiet=bool(args.quiet), target=args.target,
+                          platform=args.platform)
     run_yolo(source, data, opts)
 
 
@@ -114,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="qdq: QuantizeLinear/DequantizeLinear ONNX (ORT, OpenVINO, TensorRT); encodings: float ONNX "
                         "+ AIMET-style .encodings beside it (Qualcomm QNN/SNPE), see docs/targets.md")
     p.add_argument("--out", help="ONNX file (default runs/demo/model.qdq.onnx, or runs/demo/model.onnx with "
-                                 "--format encodings)")
+                                 "--format encodings); with --target rknn the .rknn file (default runs/demo/model.rknn)"
+                                 ", its QDQ ONNX beside it")
+    _target_flags(p, "compile the QDQ file into a .rknn model (rknn-toolkit2, no calibration data)")
     p.add_argument("--unsigned-activations", action="store_true",
                    help="write signed activation grids on the equivalent uint8 grid (zero point + 128, same values): "
                         "for OpenVINO, which miscomputes some signed-int8 graphs (docs/openvino.md); not for TensorRT")
@@ -140,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime")
     p.add_argument("--precision", default="f32", help="float precision of the runtime's non-integer parts "
                    "(OpenVINO: f32, bf16, f16)")
+    p.add_argument("--platform", help="--runtime rknn: the Rockchip chip to compile for (default rk3588)")
+    p = sub.add_parser("targets", help="the deployment targets: which are installed, and install a toolkit")
+    p.add_argument("action", choices=("list", "install"))
+    p.add_argument("name", nargs="?", help="install: the target (rknn)")
+    p.add_argument("--venv", help="install: the environment's folder (default ~/.cache/qatkit/rknn-venv, or "
+                                  "$QATKIT_RKNN_VENV)")
     return ap
 
 
@@ -272,6 +290,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
         run_demo(_demo_only(_config(args, out=args.out), "demo"))
         return 0
+    if cmd == "targets":
+        from .target_commands import targets_command
+
+        return targets_command(args.action, args.name, args.venv)
     if cmd == "inspect":
         from ..analysis import inspect as ins
 
@@ -325,9 +347,18 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         else:
             from ..export import export_onnx
 
-            path = export_onnx(qm, example, args.out or "runs/demo/model.qdq.onnx",
-                               unsigned_activations=args.unsigned_activations)
+            rknn = Path(args.out or "runs/demo/model.rknn") if args.target == "rknn" else None
+            if rknn is not None:
+                from .rknn_stage import check_target
+
+                check_target(args.target, args.platform)
+            path = export_onnx(qm, example, rknn.with_suffix(".qdq.onnx") if rknn else
+                               args.out or "runs/demo/model.qdq.onnx", unsigned_activations=args.unsigned_activations)
             print(f"wrote {path}")
+            if rknn is not None:
+                from ..targets.rockchip import compile_rknn
+
+                print(f"wrote {compile_rknn(path, rknn, platform=args.platform)}")
     elif cmd == "sensitivity":
         _sensitivity(args, cfg, stages, train, val)
     elif cmd == "verify":
@@ -338,7 +369,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
         metric = (lambda predict: evaluate(predict, val)["map"]) if isinstance(qm, TinyYolo) else None  # demo mAP
         report = verify(qm, args.onnx, stages.val_batches(val, cfg.batch_size), runtime=args.runtime,
-                        precision=args.precision, metric=metric)
+                        precision=args.precision, metric=metric,
+                        runtime_options={"platform": args.platform} if args.platform else None)
         print(json.dumps(report.as_dict(), indent=2))
     return 0
 

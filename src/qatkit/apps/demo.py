@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..targets import ort
-from .eval.detect import evaluate, torch_predictor
 from ..export import export_onnx
+from ..targets import ort
+from ..verify import verify
+from .eval.detect import evaluate, torch_predictor
+from .rknn_stage import check_target, rknn_stage
 from .runconfig import RunConfig
 from .stages import datasets, load_float, ptq, qat, save_quantized, val_batches
-from ..verify import verify
 
 
 def _row(name: str, value, fmt: str = "{:.4f}") -> str:
@@ -64,6 +65,7 @@ def _report(cfg: RunConfig, out: Path, summary: dict, qm, val):
 
 def run_demo(cfg: RunConfig, log=print) -> dict:
     start = time.time()
+    check_target(cfg.target, cfg.platform)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,9 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
         "openvino_worst_layers": ov.worst_layers,
         "torch": torch.__version__, "seconds": round(time.time() - start, 1),
     }
+    if cfg.target == "rknn":
+        summary |= rknn_stage(qm, qat_path, val_batches(val, cfg.batch_size), metric, out, cfg.platform, log)
+        summary["seconds"] = round(time.time() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.report:
         html_path, _ = _report(cfg, out, summary, qm, val)

@@ -7,7 +7,8 @@ calibrates it), the QAT model (the EMA, as ultralytics validates it) and both ON
 in :func:`qatkit.integrations.ultralytics.train`, so its loop, augmentation, loss, EMA and schedule are ultralytics'.
 
 Writes into ``out``: ``summary.json`` (the demo's keys plus ``model`` and ``data``), ``report.html``/``report.md``,
-``model.fp32.onnx``, ``model.qdq.onnx``, ``ptq.pt``, ``qat.pt`` and the trainer's run under ``qat/``.
+``model.fp32.onnx``, ``model.qdq.onnx``, ``ptq.pt``, ``qat.pt`` and the trainer's run under ``qat/``; with
+``target="rknn"`` also ``model.rknn`` and its simulator figures (``rknn_*`` keys).
 """
 from __future__ import annotations
 
@@ -21,15 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..targets import ort
 from ..calibrate import uncalibrated
 from ..errors import QatkitError
-from ..quantize import freeze
 from ..export import export_onnx
+from ..quantize import freeze
+from ..targets import ort
 from ..verify import verify
 from .eval.predictors import onnx_predictor, torch_predictor
 from .eval.yolo_map import yolo_images, yolo_map
 from .model_source import PT, YAML, ModelSource
+from .rknn_stage import check_target, rknn_stage
 from .stages import save_quantized
 
 
@@ -52,6 +54,9 @@ class YoloRunOptions:
         resume: continue an interrupted QAT run in ``out/qat`` from its ``weights/last.pt``.
         latency_runs: ORT runs per latency figure (median, batch 1).
         quiet: no progress bars.
+        target: ``"onnx"`` (the QDQ file, checked in ONNX Runtime) or ``"rknn"``: also compiled into
+            ``model.rknn`` for ``platform`` and checked in rknn-toolkit2's simulator (:mod:`qatkit.apps.rknn_stage`).
+        platform: the Rockchip chip for ``target="rknn"``.
     """
 
     recipe: str | dict = "onnxruntime"
@@ -66,6 +71,8 @@ class YoloRunOptions:
     resume: bool = False
     latency_runs: int = 100
     quiet: bool = False
+    target: str = "onnx"
+    platform: str = "rk3588"
 
 
 def trained_imgsz(model: nn.Module) -> int | None:
@@ -130,6 +137,7 @@ def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=pr
     """
     if source.kind not in (PT, YAML):
         raise QatkitError(f"run_yolo takes an ultralytics model (.pt or model yaml), not {source.kind} {source.spec}")
+    check_target(opts.target, opts.platform)
     start = time.time()
     out, data = Path(opts.out), Path(data)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +188,10 @@ def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=pr
         "ort_ops": ort.fused_op_counts(qdq_path), "torch": torch.__version__,
         "seconds": round(time.time() - start, 1),
     }
+    if opts.target == "rknn":
+        summary |= rknn_stage(qm, qdq_path, yolo_images(data, "val", imgsz=imgsz, batch=opts.batch), map_of, out,
+                              opts.platform, log)
+        summary["seconds"] = round(time.time() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if ptq_map is not None:
         _report(out, summary, qm, data, imgsz, opts.batch, quiet)

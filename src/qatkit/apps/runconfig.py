@@ -5,6 +5,7 @@ A YAML file (``--config run.yaml``) sets any of these keys; command-line flags o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -69,6 +70,9 @@ class RunConfig(BaseModel):
     latency_runs: int = Field(200, ge=1)
     quiet: bool = False
     report: bool = True  # demo: write report.html / report.md (sensitivity sweep, histograms, quantizer table)
+    # demo: "rknn" also compiles model.rknn for `platform` and checks it in rknn-toolkit2's simulator (docs/targets.md)
+    target: Literal["onnx", "rknn"] = "onnx"
+    platform: str = "rk3588"
 
 
 def load_run_config(path: str | Path | None, **overrides) -> RunConfig:

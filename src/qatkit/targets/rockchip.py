@@ -93,7 +93,7 @@ class Rknn(Runtime):
     def __init__(self, path: str | Path, *, threads: int | None = None, precision: str = "f32",
                  platform: str = "rk3588") -> None:
         super().__init__(path, threads=threads, precision=precision)
-        _check_platform(platform)
+        check_platform(platform)
         model = onnx.load(str(path))
         self._inputs, self._names = input_names(model.graph), [o.name for o in model.graph.output]
         self._batch = fix_batch(model)
@@ -147,7 +147,8 @@ def _close(worker: _Worker, folder: tempfile.TemporaryDirectory) -> None:
     folder.cleanup()
 
 
-def _check_platform(platform: str) -> None:
+def check_platform(platform: str) -> None:
+    """Raise a QatkitError listing the valid chips unless ``platform`` is one of ``PLATFORMS``."""
     if platform not in PLATFORMS:
         raise QatkitError(f"unknown rknn platform {platform!r}; rknn-toolkit2 2.5 targets: {', '.join(PLATFORMS)}")
 
@@ -171,7 +172,7 @@ def compile_rknn(onnx_path: str | Path, rknn_path: str | Path, *, platform: str 
     Example:
         >>> compile_rknn("runs/demo/model.qdq.onnx", "runs/demo/model.rknn", platform="rk3588")
     """
-    _check_platform(platform)
+    check_platform(platform)
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} does not exist: run `qatkit export` first")
     rknn_path = Path(rknn_path).resolve()
