@@ -21,6 +21,7 @@ from qatkit.targets import open_runtime, rknn_env
 from qatkit.targets.rockchip import compile_rknn
 
 NPU_RECIPES = ["npu-uint8", "npu-int8-sym"]
+DEMO_RECIPES = [*NPU_RECIPES, "rknn"]  # rknn: the recipe written for the NPU (src/qatkit/recipes/rknn.yaml)
 # The simulator is not bit-exact (docs/targets.md): teacher-forced, nearly every value lands within one step
 LAYERWISE = 0.999
 MAP_GAP = 0.01  # |simulator mAP - PyTorch mAP| on the small val sets here (measured: <= 0.003 on the demo)
@@ -72,7 +73,7 @@ def demo_data(tmp_path_factory):
     return cfg, *datasets(cfg)
 
 
-@pytest.fixture(scope="module", params=NPU_RECIPES)
+@pytest.fixture(scope="module", params=DEMO_RECIPES)
 def demo_qat(request, demo_data, tmp_path_factory):
     """The shipped demo detector, calibrated and fine-tuned 4 QAT steps under an NPU recipe, exported."""
     from qatkit.apps.runconfig import DEMO_FLOAT
@@ -168,7 +169,7 @@ def rknn_run(toolkit, tiny_yolo_pt, tiny_yolo_data, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("run-rknn")
     assert main(["run", "--model", str(tiny_yolo_pt), "--data", tiny_yolo_data, "--out", str(out), "--img-size", "64",
-                 "--batch", "8", "--calib-batches", "2", "--epochs", "1", "--recipe", "npu-uint8", "--quiet",
+                 "--batch", "8", "--calib-batches", "2", "--epochs", "1", "--recipe", "rknn", "--quiet",
                  "--target", "rknn", "--platform", "rk3588"]) == 0
     return out
 
@@ -179,7 +180,7 @@ def test_run_with_target_rknn_ends_with_the_rknn_file_and_its_simulator_map(rknn
 
     s = json.loads((rknn_run / "summary.json").read_text())
     assert Path(s["rknn_file"]) == (rknn_run / "model.rknn").resolve() and Path(s["rknn_file"]).stat().st_size > 1e6
-    assert s["rknn_platform"] == "rk3588" and s["recipe"] == "npu-uint8"
+    assert s["rknn_platform"] == "rk3588" and s["recipe"] == "rknn"
     assert s["rknn_within_one_step"] >= LAYERWISE, s["rknn_worst_layers"]
     assert s["qat_map"] > 0 and abs(s["rknn_int8_map"] - s["qat_map"]) <= MAP_GAP, (s["rknn_int8_map"], s["qat_map"])
     assert "rknn-toolkit2 simulator" in (rknn_run / "report.html").read_text()
