@@ -6,7 +6,8 @@ toolkit's own printing (Python and C) goes to stderr, which the parent keeps as 
 files the parent names.
 
 Requests:
-    ``{"op": "build", "onnx": path, "platform": "rk3588", "rknn": path | null, "simulate": true}``: load_onnx, build
+    ``{"op": "build", "onnx": path, "platform": "rk3588", "rknn": path | null, "simulate": true, "disable_rules": []}``:
+    config (the toolkit's graph rules named there off), load_onnx, build
     without quantization (the QDQ file carries the QAT scales), export the .rknn file if asked, start the simulator.
     ``{"op": "run", "inputs": npz, "outputs": npz}``: inference on ``arr_0..`` (float32 NCHW), outputs to ``npz``.
     ``{"op": "quit"}``.
@@ -33,7 +34,8 @@ def _serve(proto, requests) -> None:
                 break
             if op == "build":
                 rknn = RKNN(verbose=False)
-                _check(rknn.config(target_platform=request["platform"]), "config")
+                _check(rknn.config(target_platform=request["platform"],
+                                   disable_rules=request.get("disable_rules") or []), "config")
                 _check(rknn.load_onnx(model=request["onnx"]), "load_onnx")
                 _check(rknn.build(do_quantization=False), "build")
                 if request.get("rknn"):

@@ -32,6 +32,9 @@ from .rknn_graph import Codes, expose_quantize_inputs, fix_batch, input_names
 PLATFORMS = ("rk3562", "rk3566", "rk3568", "rk3576", "rk3588", "rv1103", "rv1103b", "rv1106", "rv1106b", "rv1126b",
              "rk2118")
 WORKER = Path(__file__).with_name("rknn_worker.py")
+# Graph rules of the toolkit turned off for every build. Its attention fusion (MatMul, Add, Mul, Softmax, MatMul into
+# one SDPA op) fails with an IndexError on a QDQ attention block (YOLO11's C2PSA), and its message names this switch.
+DISABLED_RULES = ["fuse_exmatmul_add_mul_exsoftmax13_exmatmul_to_sdpa"]
 
 
 class _Worker:
@@ -104,7 +107,8 @@ class Rknn(Runtime):
         onnx.save(model, str(built))
         self._worker = _Worker(Path(self._folder.name))
         self._finalizer = weakref.finalize(self, _close, self._worker, self._folder)
-        self._worker.request(op="build", onnx=str(built), platform=platform, rknn=None, simulate=True)
+        self._worker.request(op="build", onnx=str(built), platform=platform, rknn=None, simulate=True,
+                             disable_rules=DISABLED_RULES)
 
     @property
     def input_names(self) -> list[str]:
@@ -185,7 +189,7 @@ def compile_rknn(onnx_path: str | Path, rknn_path: str | Path, *, platform: str 
         worker = _Worker(Path(tmp))
         try:
             worker.request(op="build", onnx=str(Path(tmp) / "model.onnx"), platform=platform, rknn=str(rknn_path),
-                           simulate=False)
+                           simulate=False, disable_rules=DISABLED_RULES)
         finally:
             worker.close()
     return rknn_path
