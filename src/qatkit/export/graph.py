@@ -1,4 +1,5 @@
-"""Reading an ONNX graph's constants: initializers and Constant nodes, by the tensor name their readers use.
+"""Reading an ONNX graph's constants (initializers and Constant nodes, by the tensor name their readers use) and its
+real inputs.
 
 Shared by export (16-bit widening, unsigned activations), verify (tap zero points) and inspect (Q/DQ parameters).
 """
@@ -7,6 +8,21 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+
+def graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph's real inputs, in order: its ``input`` entries that are not initializers (older files list their
+    weights as inputs too).
+
+    Args:
+        graph: an ONNX graph.
+
+    Example::
+
+        names = [i.name for i in graph_inputs(model.graph)]  # ["images"]
+    """
+    initializers = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in initializers]
 
 
 def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import QatkitError
+from ..export.graph import graph_inputs
 
 Predictor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 
@@ -62,3 +63,21 @@ class Runtime(ABC):
             return [torch.from_numpy(o) for o in self.run({name: images.detach().cpu().numpy()})]
 
         return predict
+
+
+class GraphRuntime(Runtime):
+    """A runtime whose input and output names are the ONNX file's own (read once from its graph), for back ends whose
+    compiled model does not list them in the graph's order."""
+
+    def _read_names(self, graph) -> None:
+        """Take the input names (initializers left out) and output names from ``graph`` (an ``onnx.GraphProto``)."""
+        self._inputs = [i.name for i in graph_inputs(graph)]
+        self._names = [o.name for o in graph.output]
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._names)

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 
 from ..errors import QatkitError
-from .base import Runtime
+from .base import GraphRuntime
 
 
-class OpenVino(Runtime):
+class OpenVino(GraphRuntime):
     """OpenVINO's CPU plugin reading the QDQ ONNX file directly (it turns Q/DQ pairs into FakeQuantize and fuses
     them into int8 kernels); ``precision`` sets INFERENCE_PRECISION_HINT for the parts that stay float."""
 
@@ -36,9 +36,8 @@ class OpenVino(Runtime):
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
         graph = onnx.load(str(path), load_external_data=False).graph
-        self._names = [o.name for o in graph.output]
+        self._read_names(graph)
         self._outputs = [self._port(name) for name in self._names]
-        self._inputs = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
 
     def _port(self, name: str):
         for port in self.compiled.outputs:
@@ -46,14 +45,6 @@ class OpenVino(Runtime):
                 return port
         raise QatkitError(f"OpenVINO compiled {self.path} without its graph output {name!r}; re-export the model "
                           "(`qatkit export`) and check it with `qatkit inspect`")
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._names)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feed)

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime
 
 from ..errors import QatkitError
-from ..export.graph import constant_values
+from ..export.graph import constant_values, graph_inputs
 
 VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 
@@ -47,12 +47,6 @@ class Codes:
         return np.clip(codes, info.min, info.max).astype(self.dtype)
 
 
-def input_names(graph: onnx.GraphProto) -> list[str]:
-    """The graph's inputs that are not initializers, in order."""
-    initializers = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in initializers]
-
-
 def fix_batch(model: onnx.ModelProto) -> int | None:
     """Set a symbolic batch dimension of the inputs to 1 (in place; outputs' shapes are cleared for the toolkit to
     infer); returns the file's own fixed batch, or None where it was symbolic.
@@ -61,7 +55,7 @@ def fix_batch(model: onnx.ModelProto) -> int | None:
         QatkitError: a symbolic dimension other than the batch (the toolkit compiles fixed sizes).
     """
     graph, batch = model.graph, None
-    for value in (i for i in graph.input if i.name in input_names(graph)):
+    for value in graph_inputs(graph):
         dims = value.type.tensor_type.shape.dim
         if any(not d.HasField("dim_value") for d in list(dims)[1:]):
             raise QatkitError(f"the rknn toolkit needs fixed input sizes; input {value.name!r} has a symbolic size "
@@ -100,7 +94,7 @@ def expose_quantize_inputs(model: onnx.ModelProto) -> list[int | Codes]:
         model: a QDQ model with a fixed batch (:func:`fix_batch`).
     """
     graph = model.graph
-    consts, inputs = constant_values(graph), input_names(graph)
+    consts, inputs = constant_values(graph), [i.name for i in graph_inputs(graph)]
     producer = {out: n for n in graph.node for out in n.output}
     classes, order = _Classes(), {name: i for i, name in enumerate(inputs)}
     dequantizes: dict[str, str] = {}  # an activation DequantizeLinear's output -> the tensor its Q reads
@@ -166,5 +160,5 @@ def _shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ..
     session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = {i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim],
                              onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
-            for i in probe.graph.input if i.name in input_names(probe.graph)}
+            for i in graph_inputs(probe.graph)}
     return {n: tuple(a.shape) for n, a in zip(dict.fromkeys(names), session.run(None, feed))}

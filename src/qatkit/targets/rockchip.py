@@ -26,8 +26,8 @@ import onnx
 
 from ..errors import QatkitError
 from . import rknn_env
-from .base import Runtime
-from .rknn_graph import Codes, expose_quantize_inputs, fix_batch, input_names
+from .base import GraphRuntime
+from .rknn_graph import Codes, expose_quantize_inputs, fix_batch
 
 PLATFORMS = ("rk3562", "rk3566", "rk3568", "rk3576", "rk3588", "rv1103", "rv1103b", "rv1106", "rv1106b", "rv1126b",
              "rk2118")
@@ -80,7 +80,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-class Rknn(Runtime):
+class Rknn(GraphRuntime):
     """An ONNX file compiled by rknn-toolkit2 for ``platform`` and run in the toolkit's PC simulator.
 
     Example:
@@ -98,7 +98,7 @@ class Rknn(Runtime):
         super().__init__(path, threads=threads, precision=precision)
         check_platform(platform)
         model = onnx.load(str(path))
-        self._inputs, self._names = input_names(model.graph), [o.name for o in model.graph.output]
+        self._read_names(model.graph)
         self._batch = fix_batch(model)
         self._plan = expose_quantize_inputs(model)
         self._exposed = len(model.graph.output)
@@ -109,14 +109,6 @@ class Rknn(Runtime):
         self._finalizer = weakref.finalize(self, _close, self._worker, self._folder)
         self._worker.request(op="build", onnx=str(built), platform=platform, rknn=None, simulate=True,
                              disable_rules=DISABLED_RULES)
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._names)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(feed[name], dtype=np.float32) for name in self._inputs]

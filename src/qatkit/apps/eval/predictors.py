@@ -14,6 +14,7 @@ import onnx
 import torch
 
 from ...errors import QatkitError
+from ...export.graph import graph_inputs
 from ...targets import open_runtime
 
 Predictor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
@@ -41,8 +42,7 @@ def torch_predictor(model: torch.nn.Module) -> Predictor:
 def input_shape(path: str | Path) -> list[int | None]:
     """The first graph input's shape of the ONNX file at ``path``; ``None`` for a symbolic (dynamic) dimension."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    first = next(i for i in graph.input if i.name not in initializers)
+    first = graph_inputs(graph)[0]
     return [d.dim_value if d.HasField("dim_value") else None for d in first.type.tensor_type.shape.dim]
 
 
