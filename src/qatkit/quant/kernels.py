@@ -70,7 +70,9 @@ class _Kernels:
     fake-quant kernels are scalar loops).
 
     If compiling fails (no C++ compiler, an inductor error), it says so once and the same arithmetic runs as
-    separate whole-tensor ops. ``QATKIT_FUSED_FAKE_QUANT=0`` turns the compiled kernels off.
+    separate whole-tensor ops. ``QATKIT_FUSED_FAKE_QUANT=0`` turns the compiled kernels off, and with them this
+    module's CPU paths: every fake-quant is then PyTorch's own op, as on a GPU (:attr:`off`), so a CPU run shows
+    what a GPU dispatches.
     """
 
     def __init__(self) -> None:
@@ -79,6 +81,11 @@ class _Kernels:
         self._warned = False
         self._setting = os.environ.get("QATKIT_FUSED_FAKE_QUANT", "1")
         self._tried = False
+
+    @property
+    def off(self) -> bool:
+        """Whether ``QATKIT_FUSED_FAKE_QUANT=0`` turned the CPU kernels off (PyTorch's fake-quant ops run instead)."""
+        return self._setting == "0"
 
     @classmethod
     def uncompiled(cls) -> "_Kernels":
@@ -285,8 +292,9 @@ def fused_weight_fake_quant(weight: torch.Tensor, qmin: int, qmax: int, symmetri
 
 
 def _vectorizable(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """A float32 CPU tensor large enough that the compiled kernel beats PyTorch's."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32
+    """A float32 CPU tensor large enough that the compiled kernel beats PyTorch's (and the kernels not switched
+    off: ``QATKIT_FUSED_FAKE_QUANT=0`` runs PyTorch's ops, as a GPU does)."""
+    return (not KERNELS.off and x.device.type == "cpu" and x.dtype == torch.float32 and scale.dtype == torch.float32
             and x.numel() >= (PER_CHANNEL_MIN_NUMEL if scale.numel() > 1 else VECTORIZED_MIN_NUMEL))
 
 
@@ -300,7 +308,7 @@ def _fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None) -> torch.Tensor:
     """Round-and-clip onto the grid with a straight-through gradient, bit for bit PyTorch's fused ops (which run
-    on other devices and small tensors); on a float32 CPU tensor of 8192 elements or more (16384 per channel), the
+    on other devices, small tensors and with ``QATKIT_FUSED_FAKE_QUANT=0``); on a float32 CPU tensor of 8192 elements or more (16384 per channel), the
     compiled kernel of :class:`_FakeQuantizeCPU`; inside ``torch.compile``, on float32 CPU tensors, plain ops that
     inductor fuses (:class:`_FakeQuantizeTraced`).
 
@@ -312,8 +320,29 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if _vectorizable(x, scale):
         return _fake_quantize_cpu(x, scale, zero_point, None if axis is None else axis % x.ndim, qmin, qmax)
     if axis is None:
+        return _per_tensor(x, scale, zero_point, qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, _int32(zero_point), axis % x.ndim, qmin, qmax)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int32, with no op where it is already (the quantizers' zero points are)."""
+    return t if t.dtype == torch.int32 else t.int()
+
+
+_ENABLED: dict[torch.device, torch.Tensor] = {}  # the "fake-quant enabled" flag PyTorch's op takes, per device
+
+
+def _per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """PyTorch's per-tensor fake-quant with tensor qparams as one dispatched op: the ATen op that
+    ``torch.fake_quantize_per_tensor_affine`` calls (same output and mask gradient), without the two reshapes and the
+    ``ones`` flag tensor it makes on every call (on a GPU, each of those is a launch of its own)."""
+    if torch.compiler.is_compiling() or scale.numel() != 1 or zero_point.numel() != 1:
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()).int(), qmin, qmax)
-    return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis % x.ndim, qmin, qmax)
+    enabled = _ENABLED.get(x.device)
+    if enabled is None:
+        enabled = _ENABLED[x.device] = torch.ones(1, dtype=torch.long, device=x.device)
+    return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+        x, scale, _int32(zero_point), enabled, qmin, qmax)[0]
 
 
 _PLAIN = {"forward": fake_quantize_math, "backward": fake_quantize_grad, "silu_forward": quantized_silu_math,

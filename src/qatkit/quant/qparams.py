@@ -44,14 +44,21 @@ def scale_floor(qmin: int, qmax: int) -> float:
 def _span(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
           symmetric: bool, check_finite: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
     """(lo, hi, span, steps): ``scale = span / steps`` before the floor; lo/hi widened to hold 0 when affine."""
+    return _span_of(*_range(lo, hi, qmin, qmax, check_finite), qmin, qmax, symmetric)
+
+
+def _range(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
+           check_finite: bool = True) -> tuple[Tensor, Tensor]:
+    """``lo``/``hi`` as float32 tensors of one shape (checked finite on request)."""
     if qmin >= qmax:
         raise ValueError(f"need qmin < qmax, got [{qmin}, {qmax}]")
     lo_t = torch.as_tensor(lo, dtype=torch.float32)
     hi_t = torch.as_tensor(hi, dtype=torch.float32, device=lo_t.device)
-    lo_t, hi_t = torch.broadcast_tensors(lo_t, hi_t)
+    if lo_t.shape != hi_t.shape:
+        lo_t, hi_t = torch.broadcast_tensors(lo_t, hi_t)
     if check_finite:
         require_finite(lo_t, hi_t)
-    return _span_of(lo_t, hi_t, qmin, qmax, symmetric)
+    return lo_t, hi_t
 
 
 def require_finite(lo: Tensor, hi: Tensor) -> None:
@@ -117,7 +124,7 @@ def range_to_qparams(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: in
         >>> f"{range_to_qparams(0.0, 1e-7, 0, 255, False)[0].item():.4g}"  # below MIN_RANGE: the floor
         '3.922e-07'
     """
-    lo_t, hi_t, _, _ = _span(lo, hi, qmin, qmax, symmetric, check_finite)
+    lo_t, hi_t = _range(lo, hi, qmin, qmax, check_finite)
     return qparams_of(lo_t, hi_t, qmin, qmax, symmetric)
 
 
@@ -143,5 +150,5 @@ def collapsed(lo: Tensor | float, hi: Tensor | float, qmin: int, qmax: int,
 
 def _safe_scale(span: Tensor, steps: int, floor: float) -> Tensor:
     """``span / steps``, but 1.0 for a degenerate span and never below ``floor``."""
-    scale = torch.where(span <= DEGENERATE, torch.ones_like(span), span / steps)
-    return scale.clamp(min=floor).to(torch.float32)
+    scale = (span / steps).masked_fill_(span <= DEGENERATE, 1.0)  # (a fresh tensor: three ops, not five)
+    return scale.clamp_(min=floor).to(torch.float32)
