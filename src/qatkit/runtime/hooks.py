@@ -101,11 +101,14 @@ class ModelHooks:
         return self._paused
 
     def check_seen(self, key: str) -> None:
-        """Warn once when an op runs that capture never saw: it has no quantizer, so it runs float."""
-        if self._warned:
-            return
+        """Warn once when an op runs that capture never saw: it has no quantizer, so it runs float.
+
+        The once-flag is read only for such an op: read on every call, ``torch.compile`` would guard on it and
+        recompile the graph when the first warning sets it."""
         state = self.state
-        if state.known and key not in state.known and state.recorder is None:
+        if not state.known or key in state.known or state.recorder is not None:
+            return
+        if not self._warned:
             self._warned = True
             if _called_by_compiler():
                 warnings.warn(COMPILE_OUTSIDE_HOOKS, QatkitWarning, stacklevel=2)
