@@ -44,9 +44,15 @@ def quantized(recipe: str = "onnxruntime") -> tuple[nn.Module, torch.Tensor]:
     return net.eval(), x
 
 
-def weight_scale_versions(net: nn.Module) -> list[int]:
-    """Version counters of the weight quantizers' scales: each recompute stores the scale again."""
-    return [q.scale._version for q in quantization_state(net).quantizers.values() if q.dynamic]
+def weight_scale_versions(net: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """The weight quantizers' scales with their version counters: each recompute stores the scale again, copied
+    into the buffer (a new version) or as a new tensor (the buffer itself replaced). The tensors are held, so a
+    replaced one's id is not reused."""
+    return [(q.scale, q.scale._version) for q in quantization_state(net).quantizers.values() if q.dynamic]
+
+
+def _same(a: list[tuple[torch.Tensor, int]], b: list[tuple[torch.Tensor, int]]) -> bool:
+    return len(a) == len(b) and all(ta is tb and va == vb for (ta, va), (tb, vb) in zip(a, b))
 
 
 def fresh_eval(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +72,7 @@ def test_repeated_eval_reuses_layers_with_identical_output(recipe):
         first = net(x)
         versions = weight_scale_versions(net)
         second = net(x)
-        assert weight_scale_versions(net) == versions, "the second forward recomputed the weights"
+        assert _same(weight_scale_versions(net), versions), "the second forward recomputed the weights"
         with torch.inference_mode():
             third = net(x)
         assert len(cache_of(net)) == len(versions) > 0  # one per quantized layer
@@ -82,7 +88,9 @@ def test_outside_the_scope_every_forward_computes_its_layers():
         before = net(x)
         versions = weight_scale_versions(net)
         net(x)
-        assert weight_scale_versions(net) != versions and len(cache_of(net)) == 0
+        now = weight_scale_versions(net)
+        assert all(t is not old or v != version for (t, v), (old, version) in zip(now, versions))
+        assert len(cache_of(net)) == 0
         net.conv1.weight.data.mul_(0.5)
         after = net(x)
     assert not torch.equal(before, after) and torch.equal(after, fresh_eval(net, x))

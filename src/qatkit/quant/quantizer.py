@@ -228,10 +228,12 @@ class FakeQuantizer(nn.Module):
         """Copy qparams and the range behind them into the buffers.
 
         A weight's quantizer (dynamic: its qparams are a function of the weight, recomputed every step) takes the
-        new tensors as its buffers instead, where they match them, outside ``torch.compile``: four copies fewer per
+        new tensors as its buffers instead, where they match them, outside ``torch.compile`` and inference mode
+        (whose tensors a later ``load_state_dict`` could not copy into): four copies fewer per
         layer and step (four kernel launches on a GPU). Nothing else holds its buffers between steps: DDP
         broadcasts the old ones harmlessly, as every rank computes the same qparams from the same weights."""
-        if self.dynamic and not torch.compiler.is_compiling() and self._takes(scale, zp, lo, hi):
+        if (self.dynamic and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+                and self._takes(scale, zp, lo, hi)):
             buffers = self._buffers
             buffers["scale"], buffers["zero_point"], buffers["range_lo"], buffers["range_hi"] = scale, zp, lo, hi
             return
@@ -246,7 +248,8 @@ class FakeQuantizer(nn.Module):
         for value, name in zip(values, ("scale", "zero_point", "range_lo", "range_hi")):
             old = self._buffers[name]
             if (type(value) is not torch.Tensor or value.shape != old.shape or value.dtype != old.dtype
-                    or value.device != old.device or value.requires_grad or value._base is not None):
+                    or value.device != old.device or value.requires_grad or value._base is not None
+                    or value.is_inference()):  # (a buffer that load_state_dict could not copy into)
                 return False
         return True
 
