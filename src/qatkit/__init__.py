@@ -3,6 +3,7 @@
     import qatkit
     qm = qatkit.quantize(model, recipe="onnxruntime", example_inputs=(x,))   # no model edits
     qatkit.calibrate(qm, batches, method="mse")                              # PTQ
+    qatkit.correct_bias(qm, batches[:8])                                     # optional: bias correction
     ...train qm with your own loop...                                        # QAT
     qatkit.export_onnx(qm, (x,), "model.qdq.onnx")                           # QDQ ONNX
     report = qatkit.verify(qm, "model.qdq.onnx", batches)                    # ORT vs PyTorch
@@ -23,6 +24,7 @@ from .errors import (CheckpointError, DataError, NotCalibratedError, QatkitError
                      RecipeError)
 from .export import export_onnx  # noqa: E402
 from .encodings import export_encodings, qdq_from_encodings  # noqa: E402
+from .ptq import BiasCorrectionReport, correct_bias  # noqa: E402
 from .quant.quantizer import FakeQuantizer  # noqa: E402
 from .quant.scheme import QuantScheme  # noqa: E402
 from .quantize import capture, freeze, quantization_state, quantize  # noqa: E402
@@ -32,7 +34,7 @@ from .verify import VerifyReport, verify  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "quantize", "calibrate", "export_onnx", "export_encodings", "qdq_from_encodings", "verify", "save", "load",
-    "capture", "quantization_state", "uncalibrated", "freeze",
+    "capture", "quantization_state", "uncalibrated", "freeze", "correct_bias", "BiasCorrectionReport",
     "Recipe", "load_recipe", "builtin_recipes", "QuantScheme", "FakeQuantizer",
     "CalibrationReport", "VerifyReport", "DetectorCore",
     "QatkitError", "RecipeError", "DataError", "NotCalibratedError", "CheckpointError", "QatkitWarning",

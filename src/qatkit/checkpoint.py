@@ -181,8 +181,9 @@ def _check_and_load(model: nn.Module, ckpt: dict, path: str | Path) -> None:
             f"checkpoint {path} does not match this model: its quantizer placement differs "
             "(another architecture or configuration of the same class)"
         )
-    current = model.state_dict()
     saved = ckpt["state_dict"]
+    quantization_state(model).bias_shifts.expect(saved, "_qatkit.bias_shifts.")  # (bias correction's, if any)
+    current = model.state_dict()
     problems = sorted(set(current) ^ set(saved))
     problems += [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
                  if k in saved and saved[k].shape != v.shape]

@@ -373,7 +373,7 @@ class SiteExecutor:
         else:
             bn = None if site.fold_bn is None else self.state.module(site.fold_bn)
             bq = None if site.bias_from is None else self.state.q(site.bias_from)
-            sources = (args[1], bias, bq.scale if bq is not None else None,
+            sources = (args[1], bias, bq.scale if bq is not None else None, self.state.bias_shift(site.weight),
                        *((bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None else ()))
             switches = (wq.fake_quant_on, wq.is_calibrated, bq is not None and _quantizing(wq, bq),
                         bn.eps if bn is not None else None, torch.is_inference_mode_enabled())
@@ -396,6 +396,9 @@ class SiteExecutor:
             weight, bias = wq.quantize_weight(weight, factor), fold_bias(bias, bn, factor)
         else:
             weight = wq.quantize_weight(weight)
+        shift = self.state.bias_shift(site.weight)
+        if shift is not None and _quantizing(wq):  # bias correction: only where the weight quantizes
+            bias = shift if bias is None else bias + shift
         if bias is not None and site.bias_from is not None and _quantizing(wq, self.state.q(site.bias_from)):
             bias = quantize_bias(bias, self.state.q(site.bias_from).scale * wq.scale)
         return weight, bias

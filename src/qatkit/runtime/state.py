@@ -9,13 +9,15 @@ from torch import nn
 from ..capture import Recorder
 from ..plan import Site, site_table, slot
 from ..quant.quantizer import FakeQuantizer
+from .bias_shifts import BiasShifts
 from .hooks import ModelHooks
 
 
 class QuantState(nn.Module):
     """Quantizers, the site plan and the recipe of one quantized model (registered as ``model._qatkit``).
 
-    Its ``state_dict`` holds ``quantizers.<name with ':' for '.'>.*`` and ``bn_frozen``; the sites and recipe are
+    Its ``state_dict`` holds ``quantizers.<name with ':' for '.'>.*``, ``bn_frozen`` and any bias shifts
+    (``bias_shifts.<weight quantizer>``); the sites and recipe are
     plain data (:meth:`site_table`), stored beside it in checkpoints. :meth:`attach` installs the hooks
     (:class:`qatkit.runtime.hooks.ModelHooks`) that execute the plan.
 
@@ -50,6 +52,7 @@ class QuantState(nn.Module):
         # functional site with input quantizers -> its tensor inputs at capture: a later call that disagrees means
         # the ops of that module's forward shifted (FunctionDispatch.check_arity)
         self.arity: dict[str, int] = {}
+        self.bias_shifts = BiasShifts()  # bias correction's per-channel shifts, by weight quantizer (often none)
         self.tap: Callable[[FakeQuantizer, torch.Tensor], torch.Tensor] | None = None
         self._model_hooks: list[ModelHooks] = []
 
@@ -71,6 +74,12 @@ class QuantState(nn.Module):
     def q(self, key: str) -> FakeQuantizer:
         """The quantizer named ``key``."""
         return self.quantizers[slot(key)]
+
+    def bias_shift(self, weight_key: str) -> torch.Tensor | None:
+        """The bias shift of the layer whose weight quantizer is ``weight_key`` (:mod:`qatkit.ptq.bias_correction`);
+        None where none was set (or the state was pickled before shifts existed)."""
+        shifts = self._modules.get("bias_shifts")
+        return None if shifts is None else shifts.get(weight_key)
 
     def module(self, path: str) -> nn.Module:
         """The submodule of the attached model at ``path`` (e.g. the BatchNorm a site folds)."""
