@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/fake_quant_kernels.py
 	$(VENV)/bin/python benchmarks/step_time.py
 	$(VENV)/bin/python benchmarks/dispatch_cost.py
+	$(VENV)/bin/python benchmarks/bias_correction.py
 	$(VENV)/bin/python benchmarks/calibration.py --methods max,mse
 	$(VENV)/bin/python benchmarks/ultralytics_qat.py
 

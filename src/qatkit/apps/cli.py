@@ -40,6 +40,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, help="input size (default: the size the checkpoint was trained at)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches of --batch training images")
+    _bias_correction(p)
     p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate (AdamW, linear decay to 1%%); 0: "
                    "ultralytics' automatic choice (for training from scratch)")
     p.add_argument("--live-bn", action="store_true", help="BatchNorm uses batch statistics during QAT (default: "
@@ -78,10 +79,17 @@ def _run_command(args: argparse.Namespace) -> None:
     from .run_yolo import YoloRunOptions, run_yolo
 
     opts = YoloRunOptions(recipe=args.recipe, out=Path(args.out), epochs=args.epochs, fraction=args.fraction,
-                          imgsz=args.img_size, batch=args.batch, calib_batches=args.calib_batches, lr0=args.lr or None,
+                          imgsz=args.img_size, batch=args.batch, calib_batches=args.calib_batches,
+                          bias_correction=bool(args.bias_correction), lr0=args.lr or None,
                           freeze_bn=not args.live_bn, resume=args.resume, quiet=bool(args.quiet), target=args.target,
                           platform=args.platform)
     run_yolo(source, data, opts)
+
+
+def _bias_correction(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bias-correction", action="store_true", default=None,
+                   help="after calibration, shift each layer's bias by the mean error its weight rounding adds to "
+                        "its output (qatkit.correct_bias; docs/ptq.md)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/demo)")
     p.add_argument("--qat-steps", type=int)
     p.add_argument("--method", help="PTQ calibrator: max, ema, percentile, mse, entropy")
+    _bias_correction(p)
     _model(p)
     p = sub.add_parser("run", help="float eval -> calibrate -> QAT -> export -> verify -> latency on your model and "
                                    "data (ultralytics YOLO in ultralytics' trainer, or the demo detector)")
@@ -106,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--float-checkpoint")
     _model(p)
     p.add_argument("--method")
+    _bias_correction(p)
     p.add_argument("--out", default="runs/demo/ptq.pt")
     p = sub.add_parser("qat", help="fine-tune a calibrated checkpoint with fake quantization -> checkpoint")
     _common(p)
@@ -164,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, **extra):
     from .runconfig import load_run_config
 
-    keys = ("data", "recipe", "quiet", "method", "qat_steps", "qat_lr", "float_steps", "float_checkpoint",
+    keys = ("data", "recipe", "quiet", "method", "bias_correction", "qat_steps", "qat_lr", "float_steps", "float_checkpoint",
             "checkpoint_every", "model")
     overrides = {k: getattr(args, k, None) for k in keys} | extra
     return load_run_config(args.config, **overrides)

@@ -106,7 +106,7 @@ def run_demo(cfg: RunConfig, log=print) -> dict:
         "free_running_within_one_step": report.free_running_within_one_step,
         "free_running_max_steps": report.free_running_max_steps,
         "fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms,
-        "recipe": cfg.recipe, "method": cfg.method, "qat_steps": cfg.qat_steps,
+        "recipe": cfg.recipe, "method": cfg.method, "bias_correction": cfg.bias_correction, "qat_steps": cfg.qat_steps,
         "ort_ops": ort.fused_op_counts(qat_path),
         "openvino_int8_map": ov.onnx_map, "openvino_within_one_step": ov.within_one_step,
         "openvino_free_running_within_one_step": ov.free_running_within_one_step,

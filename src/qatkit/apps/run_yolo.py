@@ -47,6 +47,7 @@ class YoloRunOptions:
         imgsz: square input size (None: the size the checkpoint was trained at, else 640).
         batch: training and evaluation batch size.
         calib_batches: calibration batches of ``batch`` training images (validation transforms).
+        bias_correction: :func:`qatkit.correct_bias` after calibration (on up to 8 of those batches).
         lr0: QAT learning rate of :func:`finetune_overrides` (None: ultralytics' own schedule, meant for training
             from scratch; docs/ultralytics.md measures both on the shipped model).
         freeze_bn: BatchNorm uses its running statistics during QAT (:func:`qatkit.freeze`): each conv trains as it
@@ -66,6 +67,7 @@ class YoloRunOptions:
     imgsz: int | None = None
     batch: int = 16
     calib_batches: int = 16
+    bias_correction: bool = False
     lr0: float | None = 1e-4
     freeze_bn: bool = True
     resume: bool = False
@@ -120,7 +122,7 @@ def _qat(float_model: nn.Module, data: Path, opts: YoloRunOptions, imgsz: int, p
     if opts.resume:
         return train(data=data, resume=last, epochs=opts.epochs, **overrides)
     return train(float_model, data=data, recipe=opts.recipe, epochs=opts.epochs, calib_batches=opts.calib_batches,
-                 callbacks={"on_qat_calibrate_end": keep_ptq}, **overrides)
+                 bias_correction=opts.bias_correction, callbacks={"on_qat_calibrate_end": keep_ptq}, **overrides)
 
 
 def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=print) -> dict:
@@ -183,7 +185,8 @@ def run_yolo(source: ModelSource, data: str | Path, opts: YoloRunOptions, log=pr
         "free_running_within_one_step": report.free_running_within_one_step,
         "fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms,
         "recipe": opts.recipe if isinstance(opts.recipe, str) else "custom",
-        "imgsz": imgsz, "epochs": opts.epochs, "fraction": opts.fraction, "resumed": opts.resume,
+        "bias_correction": opts.bias_correction, "imgsz": imgsz, "epochs": opts.epochs, "fraction": opts.fraction,
+        "resumed": opts.resume,
         "calibration_seconds": result.calibration_seconds, "qat_epoch_seconds": result.epoch_seconds,
         "ort_ops": ort.fused_op_counts(qdq_path), "torch": torch.__version__,
         "seconds": round(time.time() - start, 1),

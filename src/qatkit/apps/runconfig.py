@@ -51,6 +51,7 @@ class RunConfig(BaseModel):
     float_checkpoint: Path = DEMO_FLOAT
     recipe: str | dict = "onnxruntime"  # built-in name, a .yaml path, or a recipe dict
     method: str = "mse"  # calibrator for PTQ
+    bias_correction: bool = False  # PTQ: qatkit.correct_bias after calibration (docs/ptq.md)
     calib_batches: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
     qat_steps: int = Field(300, ge=0)

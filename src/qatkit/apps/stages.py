@@ -18,6 +18,7 @@ from .data import CocoDetection, DetectionDataset, YoloDetection, collate, gener
 from .eval.detect import evaluate, torch_predictor
 from .model_source import DEMO, ModelSource, infer_source, parse_model, rebuild
 from .models.detector import TinyYolo, build_detector, config_dict
+from ..ptq import correct_bias
 from ..quantize import freeze, quantize
 from .runconfig import RunConfig
 from ..train.distill import Distiller
@@ -95,6 +96,8 @@ def ptq(cfg: RunConfig, float_model: nn.Module, train: DetectionDataset) -> nn.M
     example = (torch.zeros(1, 3, cfg.img_size, cfg.img_size),)
     quantize(qm, cfg.recipe, example)
     calibrate(qm, image_batches(train, cfg.calib_batches, cfg.batch_size, cfg.seed), cfg.method, quiet=cfg.quiet)
+    if cfg.bias_correction:
+        correct_bias(qm, image_batches(train, min(cfg.calib_batches, 8), cfg.batch_size, cfg.seed))
     return qm
 
 

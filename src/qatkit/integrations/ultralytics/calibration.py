@@ -25,6 +25,7 @@ from ultralytics.utils import LOCAL_RANK, LOGGER
 
 from ...calibrate import calibrate
 from ...distributed import world_size
+from ...ptq import correct_bias
 from .settings import QatSettings
 
 TRANSFORMS = "val"  # what the checkpoint and the log record about the calibration data
@@ -113,6 +114,10 @@ def calibrate_on_training_data(trainer, model: torch.nn.Module, settings: QatSet
             yield img
 
     report = calibrate(model, counted(), settings.calib_method)
+    if settings.bias_correction:
+        corrected = correct_bias(model, image_batches(trainer, loader, min(settings.calib_batches, 8)))
+        LOGGER.info(f"qatkit: bias correction of {corrected.layers} layers on {corrected.batches} batch(es), "
+                    f"mean shift {corrected.mean_abs_shift:.2g}")
     if hasattr(loader, "close"):
         loader.close()
     info = CalibrationInfo(report.batches, sum(seen) * world, time.perf_counter() - start,

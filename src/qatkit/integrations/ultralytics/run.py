@@ -64,7 +64,7 @@ class QatResult:
 
 def train(model: Model | nn.Module | str | Path | None = None, *, data: str | Path | None = None,
           recipe: str | Path | dict = "onnxruntime", epochs: int | None = None, calib_batches: int = 8,
-          calib_method: str | None = None, resume: str | Path | None = None,
+          calib_method: str | None = None, bias_correction: bool = False, resume: str | Path | None = None,
           callbacks: dict[str, Callable | list[Callable]] | None = None, **ultralytics_overrides) -> QatResult:
     """QAT-train an ultralytics detector with qatkit inside ultralytics' ``DetectionTrainer``.
 
@@ -84,6 +84,8 @@ def train(model: Model | nn.Module | str | Path | None = None, *, data: str | Pa
         epochs: QAT epochs (ultralytics' default otherwise).
         calib_batches: calibration steps, each one global batch of ``batch`` images.
         calib_method: calibrator override for every activation quantizer (None: the recipe's).
+        bias_correction: :func:`qatkit.correct_bias` after calibration (under DDP each rank measures its own
+            batches and DDP's first buffer broadcast gives every rank rank 0's shifts).
         resume: ``weights/last.pt`` of an unfinished run: continues from its next epoch with its recipe, quantizer
             state, weights, EMA and optimizer (no recalibration); its train arguments apply, except ``device``,
             ``workers``, ``batch``, ``plots``, ``val``, ``save_period``, ``patience``, ``cache``, ``close_mosaic`` and
@@ -114,7 +116,7 @@ def train(model: Model | nn.Module | str | Path | None = None, *, data: str | Pa
             raise QatkitError(f"train() does not take {key}=: {why}")
     created_group = not (dist.is_available() and dist.is_initialized())
     try:
-        trainer = _trainer(model, data, QatSettings(recipe, calib_batches, calib_method), epochs, resume,
+        trainer = _trainer(model, data, QatSettings(recipe, calib_batches, calib_method, bias_correction), epochs, resume,
                            ultralytics_overrides)
         for event, functions in (callbacks or {}).items():
             for fn in functions if isinstance(functions, (list, tuple)) else [functions]:

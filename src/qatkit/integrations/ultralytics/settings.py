@@ -23,6 +23,7 @@ class QatSettings:
         calib_batches: calibration steps, each one global training batch (``batch`` images split over the ranks).
         calib_method: calibrator for every activation quantizer (max, ema, percentile, mse, entropy); None: the
             recipe's own.
+        bias_correction: after calibration, :func:`qatkit.correct_bias` on up to 8 of the calibration batches.
 
     Example:
         >>> QatSettings("tensorrt", calib_batches=16).recipe_name
@@ -32,6 +33,7 @@ class QatSettings:
     recipe: str | Path | dict | Recipe = "onnxruntime"
     calib_batches: int = 8
     calib_method: str | None = None
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
