@@ -31,6 +31,7 @@ def test_shipped_float_checkpoint_exists():
     assert DEMO_FLOAT.is_file(), "the demo float checkpoint must ship with the package"
 
 
+@pytest.mark.slow
 def test_demo_writes_summary_with_all_keys(run_config, capsys):
     path, root = run_config
     assert cli.main(["demo", "--config", str(path)]) == 0

@@ -36,6 +36,7 @@ def ptq(tmp_path_factory):
     return root, cfg, root / "ptq.pt"
 
 
+@pytest.mark.slow
 def test_killed_qat_run_resumes_to_the_same_result(ptq):
     root, cfg, ckpt = ptq
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: reductions in one order, runs comparable bit for bit

@@ -65,6 +65,7 @@ def test_outputs_reload_and_the_head_decode_stays_float(run_out: Path) -> None:
         assert torch.isfinite(qm(x)[0]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["tensorrt", "npu-int8-sym", "npu-uint8"])
 def test_every_builtin_recipe_runs_unchanged(recipe: str, tiny_yolo_pt: Path, tiny_yolo_data: str,
                                              tmp_path: Path) -> None:
@@ -76,6 +77,7 @@ def test_every_builtin_recipe_runs_unchanged(recipe: str, tiny_yolo_pt: Path, ti
     assert any(".dfl." in layer for layer in quantization_state(load_quantized(tmp_path / "qat.pt")).float_layers)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tiny_yolo_pt: Path, tiny_yolo_data: str, tmp_path: Path) -> None:
     """A real kill (SIGKILL) during the second QAT epoch, then `--resume`: epoch 2 runs, epoch 1 is not redone."""
     out = tmp_path / "run"
