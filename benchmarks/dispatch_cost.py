@@ -26,35 +26,22 @@ import os
 os.environ["QATKIT_FUSED_FAKE_QUANT"] = "0"  # before qatkit is imported: what a GPU runs
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
 import copy  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from doc_block import write_block  # noqa: E402
+from qatkit.analysis.dispatch_count import OpCounter  # noqa: E402
 from step_time import VARIANTS, loss_of, machine, resnet18, yolov8n  # noqa: E402
 
 CASES = {"resnet18 b2 32px": (resnet18, 2, 32), "yolov8n b4 256px": (yolov8n, 4, 256)}
 NAMES = ["float", "qatkit tensorrt, BN frozen", "qatkit onnxruntime, BN frozen", "ModelOpt INT8_DEFAULT_CFG"]
 BEGIN, END = "<!-- dispatch_cost:begin -->", "<!-- dispatch_cost:end -->"
 HEADING = "## ATen ops per QAT step, the GPU regime (`benchmarks/dispatch_cost.py`)"
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Step:

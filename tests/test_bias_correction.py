@@ -66,12 +66,18 @@ def test_bias_correction_lowers_the_block_output_mean_error(name):
     assert after < 0.9 * before, (before, after)
 
 
-def test_the_export_after_bias_correction_verifies_in_ort(tmp_path):
-    float_model = _float("resnet18")
-    batches = _batches(4, 1)
+def _corrected(float_model: nn.Module, batches: list[torch.Tensor], correct_on: int) -> nn.Module:
+    """A quantized copy of ``float_model`` (onnxruntime recipe), calibrated (max) on ``batches`` and bias-corrected
+    on the first ``correct_on`` of them."""
     qm = qatkit.quantize(copy.deepcopy(float_model), "onnxruntime", (batches[0][:1],))
     qatkit.calibrate(qm, batches, method="max")
-    qatkit.correct_bias(qm, batches[:2])
+    qatkit.correct_bias(qm, batches[:correct_on])
+    return qm
+
+
+def test_the_export_after_bias_correction_verifies_in_ort(tmp_path):
+    batches = _batches(4, 1)
+    qm = _corrected(_float("resnet18"), batches, 2)
     path = qatkit.export_onnx(qm, (batches[0][:1],), tmp_path / "model.qdq.onnx")
     report = qatkit.verify(qm, path, [b[:2] for b in batches[2:]])
     assert report.within_one_step >= 0.999, report
@@ -81,9 +87,7 @@ def test_checkpoints_keep_the_shifts(tmp_path):
     """A checkpoint saved after bias correction loads into a freshly quantized model with the same outputs."""
     float_model = _float("resnet18")
     batches = _batches(2, 1)
-    qm = qatkit.quantize(copy.deepcopy(float_model), "onnxruntime", (batches[0][:1],))
-    qatkit.calibrate(qm, batches, method="max")
-    qatkit.correct_bias(qm, batches[:1])
+    qm = _corrected(float_model, batches, 1)
     shifts = dict(quantization_state(qm).bias_shifts.named_buffers())
     assert shifts and any(t.abs().max() > 0 for t in shifts.values())
     qatkit.save(qm, tmp_path / "q.pt")

@@ -22,23 +22,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import qatkit
+from qatkit.analysis.dispatch_count import OpCounter
 from qatkit.quant import kernels
 from qatkit.quantize import quantization_state
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched inside it, by overload packet name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

@@ -174,8 +174,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, **extra):
     from .runconfig import load_run_config
 
-    keys = ("data", "recipe", "quiet", "method", "bias_correction", "qat_steps", "qat_lr", "float_steps", "float_checkpoint",
-            "checkpoint_every", "model")
+    keys = ("data", "recipe", "quiet", "method", "bias_correction", "qat_steps", "qat_lr", "float_steps",
+            "float_checkpoint", "checkpoint_every", "model")
     overrides = {k: getattr(args, k, None) for k in keys} | extra
     return load_run_config(args.config, **overrides)
 

@@ -8,8 +8,9 @@ correction"): for each leaf conv/linear whose weight quantizes, a forward hook t
 got in the quantized model and adds ``mean(layer(x; W_float - W_quantized))`` per output channel (BatchNorm folded
 into both) to the layer's bias shift (:mod:`qatkit.runtime.bias_shifts`: model state, never the user's
 parameters). A pass measures every layer at once; a second pass measures again, with the inputs that the first
-pass's corrections changed, and replaces the shifts. Correcting the whole output-mean difference instead (the activations' error too) was
-measured worse on the demo detector: PTQ 0.8850 mAP, 0.8774 after, where the weight-only form gave 0.8866.
+pass's corrections changed, and replaces the shifts. Correcting the whole output-mean difference instead (the
+activations' error too) was measured worse on the demo detector: PTQ 0.8850 mAP, 0.8774 after, where the
+weight-only form in one pass gave 0.8869 (docs/ptq.md).
 
 The shifts go into the folded bias before it is put on the int32 grid, so the export carries them and ORT computes
 what PyTorch does. With BatchNorm live (train mode, not frozen), BN re-normalises the conv output and a shift has
@@ -56,8 +57,8 @@ class _WeightErrors:
 
     def _hook(self, name: str, weight_key: str):
         def hook(module: nn.Module, args, output) -> None:
-            # outside qatkit's torch-function mode: any op it saw here (even reading .ndim) would count as the
-            # model's own and shift the call-site numbering of the functional ops after it
+            # outside qatkit's torch-function mode, which would take any op here (even reading .ndim) for one of
+            # the model's own, one that capture never saw (and warn)
             _without_modes(self._record, (name, weight_key, module, args))
         return hook
 

@@ -308,9 +308,9 @@ def _fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None) -> torch.Tensor:
     """Round-and-clip onto the grid with a straight-through gradient, bit for bit PyTorch's fused ops (which run
-    on other devices, small tensors and with ``QATKIT_FUSED_FAKE_QUANT=0``); on a float32 CPU tensor of 8192 elements or more (16384 per channel), the
-    compiled kernel of :class:`_FakeQuantizeCPU`; inside ``torch.compile``, on float32 CPU tensors, plain ops that
-    inductor fuses (:class:`_FakeQuantizeTraced`).
+    on other devices, small tensors and with ``QATKIT_FUSED_FAKE_QUANT=0``); on a float32 CPU tensor of 8192
+    elements or more (16384 per channel), the compiled kernel of :class:`_FakeQuantizeCPU`; inside
+    ``torch.compile``, on float32 CPU tensors, plain ops that inductor fuses (:class:`_FakeQuantizeTraced`).
 
     Example:
         >>> y = fake_quantize(torch.randn(4, 8), torch.tensor(0.1), torch.tensor(0), -128, 127, None)

@@ -229,9 +229,9 @@ class FakeQuantizer(nn.Module):
 
         A weight's quantizer (dynamic: its qparams are a function of the weight, recomputed every step) takes the
         new tensors as its buffers instead, where they match them, outside ``torch.compile`` and inference mode
-        (whose tensors a later ``load_state_dict`` could not copy into): four copies fewer per
-        layer and step (four kernel launches on a GPU). Nothing else holds its buffers between steps: DDP
-        broadcasts the old ones harmlessly, as every rank computes the same qparams from the same weights."""
+        (whose tensors a later ``load_state_dict`` could not copy into): four copies fewer per layer and step
+        (four kernel launches on a GPU). Nothing else holds its buffers between steps: DDP broadcasts the old ones
+        harmlessly, as every rank computes the same qparams from the same weights."""
         if (self.dynamic and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
                 and self._takes(scale, zp, lo, hi)):
             buffers = self._buffers

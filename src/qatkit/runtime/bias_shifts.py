@@ -35,10 +35,6 @@ class BiasShifts(nn.Module):
         else:
             self.register_buffer(name, shift.detach().clone())
 
-    def clear(self) -> None:
-        """Remove every shift."""
-        self._buffers.clear()
-
     def expect(self, state_dict: dict, prefix: str) -> None:
         """Make room for the shifts a state dict holds under ``prefix`` (a checkpoint saved after bias correction,
         loaded into a freshly quantized model)."""

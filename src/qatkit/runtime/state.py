@@ -79,7 +79,7 @@ class QuantState(nn.Module):
         """The bias shift of the layer whose weight quantizer is ``weight_key`` (:mod:`qatkit.ptq.bias_correction`);
         None where none was set (or the state was pickled before shifts existed)."""
         shifts = self._modules.get("bias_shifts")
-        return None if shifts is None else shifts.get(weight_key)
+        return None if shifts is None or not shifts._buffers else shifts.get(weight_key)
 
     def module(self, path: str) -> nn.Module:
         """The submodule of the attached model at ``path`` (e.g. the BatchNorm a site folds)."""

@@ -85,7 +85,8 @@ def train(model: Model | nn.Module | str | Path | None = None, *, data: str | Pa
         calib_batches: calibration steps, each one global batch of ``batch`` images.
         calib_method: calibrator override for every activation quantizer (None: the recipe's).
         bias_correction: :func:`qatkit.correct_bias` after calibration (under DDP each rank measures its own
-            batches and DDP's first buffer broadcast gives every rank rank 0's shifts).
+            batches; DDP's broadcast of module state when it wraps the model should give every rank rank 0's
+            shifts, not tested).
         resume: ``weights/last.pt`` of an unfinished run: continues from its next epoch with its recipe, quantizer
             state, weights, EMA and optimizer (no recalibration); its train arguments apply, except ``device``,
             ``workers``, ``batch``, ``plots``, ``val``, ``save_period``, ``patience``, ``cache``, ``close_mosaic`` and
@@ -116,8 +117,8 @@ def train(model: Model | nn.Module | str | Path | None = None, *, data: str | Pa
             raise QatkitError(f"train() does not take {key}=: {why}")
     created_group = not (dist.is_available() and dist.is_initialized())
     try:
-        trainer = _trainer(model, data, QatSettings(recipe, calib_batches, calib_method, bias_correction), epochs, resume,
-                           ultralytics_overrides)
+        settings = QatSettings(recipe, calib_batches, calib_method, bias_correction)
+        trainer = _trainer(model, data, settings, epochs, resume, ultralytics_overrides)
         for event, functions in (callbacks or {}).items():
             for fn in functions if isinstance(functions, (list, tuple)) else [functions]:
                 trainer.add_callback(event, fn)
